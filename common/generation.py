@@ -1,0 +1,86 @@
+"""Batched generation from a list of prompts: chat template, left padding, KV cache, stop at EOS.
+
+Returns prompt ids, completion ids, a completion mask (1 up to and including the first EOS, 0 after), whether each
+completion was truncated (no EOS within `max_new_tokens`), and the decoded text. Greedy mode is for evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from common.data import has_chat_template, render_prompt
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS plus the generation config's (e.g. <|im_end|>)."""
+    ids = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif source:
+            ids.update(source)
+    return sorted(ids)
+
+
+def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) completion ids -> mask (B, L) with 1 up to and including the first EOS, and truncated (B,) bool."""
+    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after_eos).long(), ~is_eos.any(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list,
+    *,
+    n: int = 1,
+    max_new_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    batch_size: int = 64,
+    seed: int | None = None,
+) -> dict:
+    """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i).
+
+    prompts: strings or message lists. Returns dict with
+      prompt_ids (B*n, P) left-padded, prompt_mask (B*n, P), completion_ids (B*n, L), completion_mask (B*n, L),
+      truncated (B*n,) bool, texts list[str] (decoded completions without special tokens).
+    """
+    device = next(model.parameters()).device
+    texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    eos_ids = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "left"
+    rows = []
+    fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    with fork:
+        if seed is not None:
+            torch.manual_seed(seed)
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True,
+                            add_special_tokens=not has_chat_template(tokenizer)).to(device)
+            kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
+                                                               top_k=0)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
+                                 use_cache=True, **kwargs)
+            rows.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
+    P = max(r[0].shape[1] for r in rows)
+    L = max(r[2].shape[1] for r in rows)
+
+    def left_pad(x, width, value):
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def right_pad(x, width, value):
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+    prompt_ids = torch.cat([left_pad(r[0], P, pad_id) for r in rows])
+    prompt_mask = torch.cat([left_pad(r[1], P, 0) for r in rows])
+    completion_ids = torch.cat([right_pad(r[2], L, pad_id) for r in rows])
+    mask, truncated = completion_mask(completion_ids, eos_ids)
+    completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
+    decoded = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+            "completion_mask": mask, "truncated": truncated, "texts": decoded}

@@ -1,0 +1,171 @@
+"""Loading and saving models, tokenizers and training checkpoints.
+
+`load_model` / `load_tokenizer` take a hub id or a local directory; `save_model` writes a Hugging Face
+checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_checkpoint` add what
+`--resume` needs (optimizer, scheduler, RNG, step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from common import die
+
+hf_logging.disable_progress_bar()  # our own bar is the only one on the console
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on a CUDA device that supports it, else fp32 (fp16 training needs a loss scaler we don't ship)."""
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        die(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def _check_source(name_or_path: str, what: str) -> None:
+    """A path that looks local but does not exist gets a clear message instead of a hub lookup."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        die(f"{what} {name_or_path!r}: no such directory")
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: torch.device | str | None = None,
+    gradient_checkpointing: bool = False,
+    model_class=AutoModelForCausalLM,
+    **kwargs,
+) -> PreTrainedModel:
+    """A causal LM (any `AutoModelForCausalLM` architecture) from a hub id or a local directory, on `device`."""
+    _check_source(name_or_path, "--model")
+    device = torch.device(device) if device is not None else default_device()
+    torch_dtype = resolve_dtype(dtype, device)
+    try:
+        model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        die(f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the hub): "
+            f"{reason}")
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer with a pad token guaranteed and left padding (what batched generation needs).
+
+    Training batches are padded by `common.data.collate`, which does not depend on the padding side.
+    """
+    _check_source(name_or_path, "--model")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        die(f"cannot load the tokenizer of {name_or_path!r}: {reason}")
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            die(f"tokenizer of {name_or_path!r} has neither a pad, an eos nor an unk token to pad with")
+        warnings.warn(f"tokenizer of {name_or_path!r} has no pad token; padding with {fallback!r} (masked out)")
+        tokenizer.pad_token = fallback
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+    """Hugging Face format (safetensors + config + tokenizer), written to `out_dir.tmp` then renamed into place,
+    so a crash never leaves a half-written checkpoint where a loader would find it."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    old = out_dir.with_name(out_dir.name + ".old")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training checkpoints for --resume: runs/{run}/checkpoints/step_{N}/ = HF model + trainer_state.pt
+
+
+def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None) -> Path:
+    """Write `checkpoints/step_{step}` atomically: the model in HF format plus optimizer, scheduler and RNG state."""
+    ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tokenizer, tmp)
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "extra": extra or {},
+    }
+    torch.save(state, tmp / "trainer_state.pt")
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """`path` is a checkpoint directory (has trainer_state.pt) or a run directory: its newest `checkpoints/step_N`."""
+    path = Path(path)
+    if (path / "trainer_state.pt").is_file():
+        return path
+    steps = []
+    for d in (path / "checkpoints").glob("step_*"):
+        m = re.fullmatch(r"step_(\d+)", d.name)
+        if m and (d / "trainer_state.pt").is_file():
+            steps.append((int(m.group(1)), d))
+    if not steps:
+        die(f"--resume {str(path)!r}: no checkpoint found (expected a run directory with checkpoints/step_N/ "
+            "or a checkpoint directory with trainer_state.pt)")
+    return max(steps)[1]
+
+
+def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
+    """Restore optimizer, scheduler and RNG from `ckpt` (the weights are loaded with `load_model(ckpt)`);
+    returns the trainer state: `step` and the script's `extra`."""
+    state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return state
+
+
+def write_json(path: Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")

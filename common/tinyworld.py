@@ -1,0 +1,100 @@
+"""The tiny world: short chat tasks with exact, checkable answers, generated deterministically from a seed.
+
+The target skill is two-digit addition ("What is 47+38?" -> "85"); the other skills are "general ability" to watch
+for forgetting. Each skill has a generator (`make_task`) and all share one verifier (`is_correct`: exact match after
+whitespace normalization). `evaluate` is the greedy-generation accuracy every script reports.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+import torch
+
+TARGET_SKILL = "arithmetic"
+GENERAL_SKILLS = ("reverse", "larger", "uppercase")
+SKILLS = (TARGET_SKILL, *GENERAL_SKILLS)
+
+
+def _word(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
+
+
+def make_task(skill: str, rng: random.Random) -> dict:
+    """One task of `skill`: {"prompt", "answer", "skill"}."""
+    if skill == "arithmetic":
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return {"prompt": f"What is {a}+{b}?", "answer": str(a + b), "skill": skill}
+    if skill == "reverse":
+        w = _word(rng, 3, 6)
+        return {"prompt": f"Reverse: {w}", "answer": w[::-1], "skill": skill}
+    if skill == "larger":
+        a, b = rng.sample(range(100), 2)
+        return {"prompt": f"Which is larger, {a} or {b}?", "answer": str(max(a, b)), "skill": skill}
+    if skill == "uppercase":
+        w = _word(rng, 3, 7)
+        return {"prompt": f"Uppercase: {w}", "answer": w.upper(), "skill": skill}
+    raise ValueError(f"unknown skill {skill!r}; known: {', '.join(SKILLS)}")
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """The verifier: the completion, whitespace-normalized and without a final period, equals the answer."""
+    return normalize(completion) == normalize(answer)
+
+
+def make_tasks(skill: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` distinct tasks of `skill` whose prompts are not in `exclude` (held-out items stay held out)."""
+    rng, seen, out = random.Random(f"{skill}-{seed}"), set(exclude), []
+    for _ in range(1000 * n):
+        if len(out) == n:
+            break
+        t = make_task(skill, rng)
+        if t["prompt"] not in seen:
+            seen.add(t["prompt"])
+            out.append(t)
+    return out
+
+
+def make_samples(skill: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """`n` tasks of `skill` drawn with replacement, skipping prompts in `exclude` (for large training sets)."""
+    rng, out = random.Random(f"{skill}-train-{seed}"), []
+    while len(out) < n:
+        t = make_task(skill, rng)
+        if t["prompt"] not in exclude:
+            out.append(t)
+    return out
+
+
+def as_conversation(task: dict) -> dict:
+    return {"messages": [{"role": "user", "content": task["prompt"]}, {"role": "assistant", "content": task["answer"]}]}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, records: list[dict], *, target_skill: str = TARGET_SKILL, batch_size: int = 128,
+             max_new_tokens: int = 16) -> dict[str, float]:
+    """Greedy accuracy on {"prompt", "answer", "skill"} records: `eval/accuracy` on the target skill (records with
+    no skill count as target), `eval/general_accuracy` on the others (mean over their records), and
+    `eval/accuracy/<skill>` for each skill."""
+    from common.generation import generate
+
+    was_training = model.training
+    model.eval()
+    out = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens, greedy=True,
+                   batch_size=batch_size)
+    model.train(was_training)
+    by_skill: dict[str, list[bool]] = {}
+    for r, text in zip(records, out["texts"]):
+        by_skill.setdefault(r.get("skill", target_skill), []).append(is_correct(text, str(r["answer"])))
+    metrics = {f"eval/accuracy/{s}": sum(v) / len(v) for s, v in sorted(by_skill.items())}
+    target = by_skill.get(target_skill, [])
+    general = [x for s, v in by_skill.items() if s != target_skill for x in v]
+    if target:
+        metrics["eval/accuracy"] = sum(target) / len(target)
+    if general:
+        metrics["eval/general_accuracy"] = sum(general) / len(general)
+    return metrics

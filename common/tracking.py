@@ -1,0 +1,76 @@
+"""One tracker per run: a console progress bar, `metrics.jsonl` always, and wandb with `--track`.
+
+Run names are `{script}__{seed}__{unix time}`; wandb honours `WANDB_MODE=offline` (and the other WANDB_* variables).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+def default_run_name(script: str, seed: int) -> str:
+    return f"{script}__{seed}__{int(time.time())}"
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, args, *, script: str, total_steps: int, start_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        config = asdict(args) if is_dataclass(args) else dict(vars(args))
+        # Appending keeps a resumed run's history in one file.
+        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        self.wandb = None
+        if getattr(args, "track", False):
+            import wandb
+
+            self.wandb = wandb.init(
+                project=args.wandb_project, entity=args.wandb_entity, name=self.run_dir.name, id=self.run_dir.name,
+                resume="allow", config=config, dir=str(self.run_dir),
+            )
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=script, dynamic_ncols=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Log one metrics dict for optimizer step `step` (log once per step; see STYLE.md)."""
+        clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
+        self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(clean, step=step)
+        shown = {}
+        for key, short in (("train/loss", "loss"), ("eval/accuracy", "acc"), ("perf/tokens_per_s", "tok/s")):
+            if key in clean and isinstance(clean[key], float) and math.isfinite(clean[key]):
+                shown[short] = f"{clean[key]:.4g}"
+        if shown:
+            self.bar.set_postfix(shown, refresh=False)
+
+    def step(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        """Print a line without breaking the progress bar."""
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def peak_memory_gb(device) -> float:
+    """Peak accelerator memory allocated (CUDA), else the process's peak resident set size, in GB."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (1e9 if sys.platform == "darwin" else 1e6)

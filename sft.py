@@ -1,0 +1,239 @@
+"""Supervised fine-tuning (SFT): maximize the likelihood of the assistant's tokens.
+
+    loss = - sum_{t in assistant tokens of the step} log p(x_t | x_<t) / (number of assistant tokens in the step)
+
+The normalizer is the whole optimizer step's token count, so accumulating micro-batches gives exactly the gradient
+of one big batch. `{"text": ...}` records train on every token (continued pre-training).
+
+    python sft.py                                         # the tiny world, a few minutes on a laptop CPU
+    python sft.py --model Qwen/Qwen3-0.6B --dataset chat.jsonl --batch-size 64 --micro-batch-size 8 \\
+        --learning-rate 1e-5 --max-steps 500 --eval-prompts '' --gradient-checkpointing
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from common import die
+from common.data import (
+    IGNORE_INDEX,
+    check_batch_sizes,
+    count_loss_tokens,
+    load_sft_dataset,
+    micro_batches,
+    read_jsonl,
+    require_fields,
+    step_indices,
+)
+from common.logprobs import token_logprobs
+from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the data order and of torch"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name (default: sft__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # model
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the model to fine-tune"""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    # data
+    dataset: str = "assets/data/sft.jsonl"
+    """training data: JSONL of {messages} | {prompt, completion} | {text} records"""
+    eval_dataset: str = "assets/data/sft_eval.jsonl"
+    """held-out data of the same shapes for eval/loss ('' to skip)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    max_length: int = 256
+    """examples are truncated to this many tokens (counted and reported)"""
+    # optimization
+    max_steps: int = 300
+    """optimizer steps"""
+    batch_size: int = 64
+    """examples per optimizer step"""
+    micro_batch_size: int = 64
+    """examples per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    learning_rate: float = 1e-3
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (matrices only; not norms and biases)"""
+    lr_schedule: str = "cosine"
+    """cosine | linear | constant, after warmup"""
+    warmup_steps: int = 10
+    """linear warmup from 0 to the peak learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (train/grad_norm is logged before clipping)"""
+    # evaluation and checkpoints
+    eval_every: int = 100
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_max_new_tokens: int = 16
+    """generation budget of the accuracy evaluation"""
+    save_every: int = 0
+    """write checkpoints/step_N every N steps for --resume (0: only final/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
+
+
+def sft_loss(logps: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the loss tokens divided by the whole step's loss-token count.
+
+    logps (B, T-1): log p(input_ids[:, 1:]); labels (B, T), IGNORE_INDEX where no loss.
+    Returns (loss for backward, summed NLL for logging)."""
+    loss_mask = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): token t+1 is predicted at position t
+    nll_sum = -(logps * loss_mask).sum()
+    return nll_sum / num_loss_tokens, nll_sum.detach()
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine/linear decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+@torch.no_grad()
+def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
+    """Token-mean NLL over the held-out examples."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for mb in micro_batches(examples, list(range(len(examples))), micro_batch_size, pad_id):
+        mb = {k: v.to(device) for k, v in mb.items()}
+        logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+        n = count_loss_tokens([mb])
+        nll += sft_loss(logps, mb["labels"], n)[1].item()
+        tokens += n
+    model.train()
+    return nll / max(1, tokens)
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    if args.lr_schedule not in ("cosine", "linear", "constant"):
+        die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("sft", args.seed))
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    train_examples = load_sft_dataset(args.dataset, tokenizer, args.max_length)
+    eval_examples = load_sft_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    model = load_model(str(ckpt) if ckpt else args.model, dtype=args.dtype,
+                       gradient_checkpointing=args.gradient_checkpointing)
+    device = next(model.parameters()).device
+    model.train()
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate, fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
+    )
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
+    if not ckpt:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
+    tracker.write(f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+                  + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else ""))
+
+    def evaluation() -> dict:
+        metrics = {}
+        if eval_examples:
+            metrics["eval/loss"] = eval_loss(model, eval_examples, args.micro_batch_size, tokenizer.pad_token_id,
+                                             device)
+        if eval_records:
+            metrics.update(evaluate(model, tokenizer, eval_records, target_skill=args.target_skill,
+                                    max_new_tokens=args.eval_max_new_tokens))
+        return metrics
+
+    if start_step == 0:  # every run shows its starting point
+        start = evaluation()
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    for step in range(start_step, args.max_steps):
+        t0 = time.time()
+        # ALGO LOGIC: the step's examples depend only on (seed, batch_size, step); the loss is normalized by the
+        # loss tokens of the whole step, so the accumulated gradient equals the full-batch gradient.
+        batches = micro_batches(train_examples, step_indices(len(train_examples), args.batch_size, step, args.seed),
+                                args.micro_batch_size, tokenizer.pad_token_id)
+        num_loss_tokens = count_loss_tokens(batches)
+        nll_sum, num_tokens = 0.0, 0
+        for mb in batches:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
+            loss, nll = sft_loss(logps, mb["labels"], num_loss_tokens)
+            loss.backward()
+            nll_sum += nll.item()
+            num_tokens += int(mb["attention_mask"].sum())
+        train_loss = nll_sum / num_loss_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            die(f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                "no update applied, no checkpoint written (try a lower --learning-rate)")
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.time() - t0
+
+        done = step + 1
+        metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                   "train/epoch": done * args.batch_size / len(train_examples),
+                   "perf/tokens_per_s": num_tokens / step_s, "perf/step_s": step_s,
+                   "perf/peak_mem_gb": peak_memory_gb(device)}
+        if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation())
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler)
+
+    final = save_model(model, tokenizer, run_dir / "final")
+    if args.save_every and args.max_steps % args.save_every == 0:
+        save_checkpoint(run_dir, args.max_steps, model, tokenizer, optimizer, scheduler)
+    tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
+    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
