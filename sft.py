@@ -142,7 +142,9 @@ def main(args: Args) -> None:
     if args.lr_schedule not in ("cosine", "linear", "constant"):
         die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
     ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("sft", args.seed))
+    run_dir = (
+        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("sft", args.seed))
+    )
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
@@ -150,8 +152,9 @@ def main(args: Args) -> None:
     eval_examples = load_sft_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
     require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
-    model = load_model(str(ckpt) if ckpt else args.model, dtype=args.dtype,
-                       gradient_checkpointing=args.gradient_checkpointing)
+    model = load_model(
+        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
     device = next(model.parameters()).device
     model.train()
 
@@ -159,7 +162,8 @@ def main(args: Args) -> None:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate, fused=device.type == "cuda",
+        lr=args.learning_rate,
+        fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
@@ -169,18 +173,28 @@ def main(args: Args) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
-    tracker.write(f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step, "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
-                  + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else ""))
+    tracker.write(
+        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
+    )
 
     def evaluation() -> dict:
         metrics = {}
         if eval_examples:
-            metrics["eval/loss"] = eval_loss(model, eval_examples, args.micro_batch_size, tokenizer.pad_token_id,
-                                             device)
+            metrics["eval/loss"] = eval_loss(
+                model, eval_examples, args.micro_batch_size, tokenizer.pad_token_id, device
+            )
         if eval_records:
-            metrics.update(evaluate(model, tokenizer, eval_records, target_skill=args.target_skill,
-                                    max_new_tokens=args.eval_max_new_tokens))
+            metrics.update(
+                evaluate(
+                    model,
+                    tokenizer,
+                    eval_records,
+                    target_skill=args.target_skill,
+                    max_new_tokens=args.eval_max_new_tokens,
+                )
+            )
         return metrics
 
     if start_step == 0:  # every run shows its starting point
@@ -192,8 +206,12 @@ def main(args: Args) -> None:
         t0 = time.time()
         # ALGO LOGIC: the step's examples depend only on (seed, batch_size, step); the loss is normalized by the
         # loss tokens of the whole step, so the accumulated gradient equals the full-batch gradient.
-        batches = micro_batches(train_examples, step_indices(len(train_examples), args.batch_size, step, args.seed),
-                                args.micro_batch_size, tokenizer.pad_token_id)
+        batches = micro_batches(
+            train_examples,
+            step_indices(len(train_examples), args.batch_size, step, args.seed),
+            args.micro_batch_size,
+            tokenizer.pad_token_id,
+        )
         num_loss_tokens = count_loss_tokens(batches)
         nll_sum, num_tokens = 0.0, 0
         for mb in batches:
@@ -207,8 +225,10 @@ def main(args: Args) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            die(f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                "no update applied, no checkpoint written (try a lower --learning-rate)")
+            die(
+                f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                "no update applied, no checkpoint written (try a lower --learning-rate)"
+            )
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -216,10 +236,15 @@ def main(args: Args) -> None:
         step_s = time.time() - t0
 
         done = step + 1
-        metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                   "train/epoch": done * args.batch_size / len(train_examples),
-                   "perf/tokens_per_s": num_tokens / step_s, "perf/step_s": step_s,
-                   "perf/peak_mem_gb": peak_memory_gb(device)}
+        metrics = {
+            "train/loss": train_loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/epoch": done * args.batch_size / len(train_examples),
+            "perf/tokens_per_s": num_tokens / step_s,
+            "perf/step_s": step_s,
+            "perf/peak_mem_gb": peak_memory_gb(device),
+        }
         if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
             metrics.update(evaluation())
         tracker.log(metrics, step=done)

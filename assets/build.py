@@ -29,7 +29,7 @@ import tyro
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.tinyworld import GENERAL_SKILLS, SKILLS, TARGET_SKILL, as_conversation, make_samples, make_tasks  # noqa: E402
+from common.tinyworld import GENERAL_SKILLS, SKILLS, TARGET_SKILL, as_conversation, make_samples, make_tasks
 
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
@@ -67,6 +67,8 @@ class Args:
     """held-out prompts per general skill"""
     learning_rate: float = 3e-3
     """pretraining peak learning rate"""
+    eval_every: int = 500
+    """evaluate the pretraining run every N steps"""
 
 
 def build_tokenizer(path: Path):
@@ -82,8 +84,12 @@ def build_tokenizer(path: Path):
     core.add_special_tokens(SPECIAL_TOKENS)
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|unk|>",
-        chat_template=CHAT_TEMPLATE, model_max_length=256,
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|unk|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=256,
     )
     tokenizer.save_pretrained(path)
     return tokenizer
@@ -95,10 +101,18 @@ def build_init_model(path: Path, tokenizer, args: Args) -> None:
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden_size, intermediate_size=args.hidden_size * 14 // 5,
-        num_hidden_layers=args.num_layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=256, tie_word_embeddings=True, rope_theta=10000.0,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=args.hidden_size,
+        intermediate_size=args.hidden_size * 14 // 5,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -131,7 +145,7 @@ def main(args: Args) -> None:
     for skill in GENERAL_SKILLS:
         pretrain += make_samples(skill, args.pretrain_per_general_skill, seed=args.seed + 2, exclude=held_out)
     random.Random(args.seed).shuffle(pretrain)
-    assert set(t["skill"] for t in pretrain) == set(SKILLS)
+    assert {t["skill"] for t in pretrain} == set(SKILLS)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -139,12 +153,38 @@ def main(args: Args) -> None:
         tokenizer = build_tokenizer(tmp / "init")
         build_init_model(tmp / "init", tokenizer, args)
         # Pretraining is an SFT run from random weights on the chat-formatted mix.
-        cmd = [sys.executable, str(ROOT / "sft.py"), "--model", str(tmp / "init"), "--dataset", str(tmp / "pretrain.jsonl"),
-               "--eval-dataset", str(data / "sft_eval.jsonl"), "--eval-prompts", str(data / "eval.jsonl"),
-               "--output-dir", str(tmp), "--run-name", "pretrain", "--seed", str(args.seed),
-               "--max-steps", str(args.pretrain_steps), "--batch-size", "64", "--micro-batch-size", "64",
-               "--learning-rate", str(args.learning_rate), "--warmup-steps", "50", "--weight-decay", "0.1",
-               "--eval-every", str(max(1, args.pretrain_steps // 4))]
+        cmd = [
+            sys.executable,
+            str(ROOT / "sft.py"),
+            "--model",
+            str(tmp / "init"),
+            "--dataset",
+            str(tmp / "pretrain.jsonl"),
+            "--eval-dataset",
+            str(data / "sft_eval.jsonl"),
+            "--eval-prompts",
+            str(data / "eval.jsonl"),
+            "--output-dir",
+            str(tmp),
+            "--run-name",
+            "pretrain",
+            "--seed",
+            str(args.seed),
+            "--max-steps",
+            str(args.pretrain_steps),
+            "--batch-size",
+            "64",
+            "--micro-batch-size",
+            "64",
+            "--learning-rate",
+            str(args.learning_rate),
+            "--warmup-steps",
+            "50",
+            "--weight-decay",
+            "0.1",
+            "--eval-every",
+            str(args.eval_every),
+        ]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
         shutil.rmtree(out / "tiny-base", ignore_errors=True)

@@ -123,8 +123,10 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise ValueError("the chat template is not prefix-stable (it rewrites earlier turns), so the assistant "
-                             "tokens cannot be located")
+            raise ValueError(
+                "the chat template is not prefix-stable (it rewrites earlier turns), so the assistant "
+                "tokens cannot be located"
+            )
         spans.append((len(before), len(upto.rstrip())))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [IGNORE_INDEX] * len(enc["input_ids"])
@@ -147,8 +149,10 @@ def tokenize_sft_record(tokenizer, record: dict, path) -> tuple[list[int], list[
         except ValueError as e:
             die(f"{_where(path, record)}: {e}")
     if "messages" in record or len(messages) != 2:
-        die(f"{_where(path, record)}: a 'messages' record needs a tokenizer with a chat template; this one has none "
-            "(use 'prompt'/'completion' or 'text' records, or a chat model)")
+        die(
+            f"{_where(path, record)}: a 'messages' record needs a tokenizer with a chat template; this one has none "
+            "(use 'prompt'/'completion' or 'text' records, or a chat model)"
+        )
     prompt_ids = tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(messages[1]["content"], add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:

@@ -60,12 +60,24 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[s : s + batch_size], return_tensors="pt", padding=True,
-                            add_special_tokens=not has_chat_template(tokenizer)).to(device)
-            kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p,
-                                                               top_k=0)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                                 use_cache=True, **kwargs)
+            enc = tokenizer(
+                texts[s : s + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=not has_chat_template(tokenizer),
+            ).to(device)
+            if greedy:
+                kwargs = {"do_sample": False}
+            else:
+                kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **kwargs,
+            )
             rows.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
     P = max(r[0].shape[1] for r in rows)
     L = max(r[2].shape[1] for r in rows)
@@ -82,5 +94,11 @@ def generate(
     mask, truncated = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
     decoded = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
-    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
-            "completion_mask": mask, "truncated": truncated, "texts": decoded}
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": mask,
+        "truncated": truncated,
+        "texts": decoded,
+    }

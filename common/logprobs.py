@@ -11,7 +11,6 @@ whatever N is. `token_logprobs` runs a transformers causal LM body once and appl
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 DEFAULT_CHUNK_ELEMENTS = 2**23  # logits elements per chunk (32 MiB in fp32); rows = this // V
 
@@ -125,8 +124,14 @@ def chunked_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     shape = targets.shape
     logps, entropy = ChunkedLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1), float(temperature), softcap,
-        chunk_size, return_entropy,
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        bias,
+        targets.reshape(-1),
+        float(temperature),
+        softcap,
+        chunk_size,
+        return_entropy,
     )
     return (logps.view(shape), entropy.view(shape)) if return_entropy else logps.view(shape)
 
@@ -168,14 +173,23 @@ def token_logprobs(
         torch.log_softmax(logits.float() / temperature, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H)
     weight, bias, softcap, multiplier = lm_head_params(model)
     if multiplier != 1.0 and softcap is not None:
         raise NotImplementedError("a logit multiplier together with soft-capping")
-    return chunked_logprobs(hidden, weight, input_ids[:, 1:], bias=bias, temperature=temperature / multiplier,
-                            softcap=softcap, chunk_size=chunk_size, return_entropy=return_entropy)
+    return chunked_logprobs(
+        hidden,
+        weight,
+        input_ids[:, 1:],
+        bias=bias,
+        temperature=temperature / multiplier,
+        softcap=softcap,
+        chunk_size=chunk_size,
+        return_entropy=return_entropy,
+    )
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         die(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
     return table[dtype]
@@ -43,7 +49,9 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _check_source(name_or_path: str, what: str) -> None:
     """A path that looks local but does not exist gets a clear message instead of a hub lookup."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    looks_local = (
+        name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
+    )
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         die(f"{what} {name_or_path!r}: no such directory")
 
@@ -65,8 +73,10 @@ def load_model(
         model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        die(f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the hub): "
-            f"{reason}")
+        die(
+            f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the hub): "
+            f"{reason}"
+        )
     model.to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -117,7 +127,9 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 # Training checkpoints for --resume: runs/{run}/checkpoints/step_{N}/ = HF model + trainer_state.pt
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None
+) -> Path:
     """Write `checkpoints/step_{step}` atomically: the model in HF format plus optimizer, scheduler and RNG state."""
     ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
@@ -127,8 +139,11 @@ def save_checkpoint(run_dir: Path, step: int, model, tokenizer, optimizer, sched
         "step": step,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "rng": {
+            "python": random.getstate(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        },
         "extra": extra or {},
     }
     torch.save(state, tmp / "trainer_state.pt")
@@ -148,8 +163,10 @@ def find_checkpoint(path: str | Path) -> Path:
         if m and (d / "trainer_state.pt").is_file():
             steps.append((int(m.group(1)), d))
     if not steps:
-        die(f"--resume {str(path)!r}: no checkpoint found (expected a run directory with checkpoints/step_N/ "
-            "or a checkpoint directory with trainer_state.pt)")
+        die(
+            f"--resume {str(path)!r}: no checkpoint found (expected a run directory with checkpoints/step_N/ "
+            "or a checkpoint directory with trainer_state.pt)"
+        )
     return max(steps)[1]
 
 

@@ -75,8 +75,15 @@ def as_conversation(task: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, records: list[dict], *, target_skill: str = TARGET_SKILL, batch_size: int = 128,
-             max_new_tokens: int = 16) -> dict[str, float]:
+def evaluate(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    target_skill: str = TARGET_SKILL,
+    batch_size: int = 128,
+    max_new_tokens: int = 16,
+) -> dict[str, float]:
     """Greedy accuracy on {"prompt", "answer", "skill"} records: `eval/accuracy` on the target skill (records with
     no skill count as target), `eval/general_accuracy` on the others (mean over their records), and
     `eval/accuracy/<skill>` for each skill."""
@@ -84,8 +91,14 @@ def evaluate(model, tokenizer, records: list[dict], *, target_skill: str = TARGE
 
     was_training = model.training
     model.eval()
-    out = generate(model, tokenizer, [r["prompt"] for r in records], max_new_tokens=max_new_tokens, greedy=True,
-                   batch_size=batch_size)
+    out = generate(
+        model,
+        tokenizer,
+        [r["prompt"] for r in records],
+        max_new_tokens=max_new_tokens,
+        greedy=True,
+        batch_size=batch_size,
+    )
     model.train(was_training)
     by_skill: dict[str, list[bool]] = {}
     for r, text in zip(records, out["texts"]):

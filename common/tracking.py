@@ -30,8 +30,13 @@ class Tracker:
             import wandb
 
             self.wandb = wandb.init(
-                project=args.wandb_project, entity=args.wandb_entity, name=self.run_dir.name, id=self.run_dir.name,
-                resume="allow", config=config, dir=str(self.run_dir),
+                project=args.wandb_project,
+                entity=args.wandb_entity,
+                name=self.run_dir.name,
+                id=self.run_dir.name,
+                resume="allow",
+                config=config,
+                dir=str(self.run_dir),
             )
         self.bar = tqdm(total=total_steps, initial=start_step, desc=script, dynamic_ncols=True)
 

@@ -1,0 +1,118 @@
+"""Tokenization and loss masks, batching, and the bad-input messages of common.data."""
+
+import json
+
+import pytest
+
+from common.data import (
+    IGNORE_INDEX,
+    check_batch_sizes,
+    load_sft_dataset,
+    micro_batches,
+    read_jsonl,
+    step_indices,
+    tokenize_conversation,
+    tokenize_sft_record,
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 47+38?"},
+    {"role": "assistant", "content": "85"},
+    {"role": "user", "content": "Reverse: abc"},
+    {"role": "assistant", "content": "cba"},
+]
+
+
+def labeled_text(tokenizer, labels):
+    """The loss-bearing tokens of each contiguous labeled run, decoded."""
+    runs, current = [], []
+    for x in labels:
+        if x == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(x)
+    if current:
+        runs.append(current)
+    return [tokenizer.decode(r) for r in runs]
+
+
+def test_multi_turn_mask_covers_every_assistant_turn_and_nothing_else(chat_tokenizer):
+    ids, labels = tokenize_conversation(chat_tokenizer, CONVERSATION)
+    assert labeled_text(chat_tokenizer, labels) == ["85<|im_end|>", "cba<|im_end|>"]  # by hand
+    assert [x for x in labels if x != IGNORE_INDEX] == [i for i, x in zip(ids, labels) if x != IGNORE_INDEX]
+    # independent reference: the template's own {% generation %} markers
+    ref = chat_tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=True, return_assistant_tokens_mask=True, return_dict=True
+    )
+    assert ids == ref["input_ids"]
+    assert [int(x != IGNORE_INDEX) for x in labels] == ref["assistant_masks"]
+
+
+def test_record_shapes(chat_tokenizer):
+    _, labels = tokenize_sft_record(chat_tokenizer, {"prompt": "What is 1+2?", "completion": "3"}, "f.jsonl")
+    assert labeled_text(chat_tokenizer, labels) == ["3<|im_end|>"]
+    ids, labels = tokenize_sft_record(chat_tokenizer, {"text": "hello"}, "f.jsonl")
+    assert labels == ids and chat_tokenizer.decode(ids) == "hello<|im_end|>"
+
+
+def test_truncation_and_dropping_are_counted(chat_tokenizer, tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [
+        {"prompt": "What is 1+2?", "completion": "3"},  # 40 tokens, fits
+        {"prompt": "x" * 50, "completion": "long answer"},  # prompt alone exceeds 40: no loss tokens, dropped
+        {"prompt": "hi", "completion": "y" * 60},
+    ]  # truncated, keeps some loss tokens
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = []
+    examples = load_sft_dataset(path, chat_tokenizer, max_length=40, log=lines.append)
+    assert len(examples) == 2 and all(len(e["input_ids"]) <= 40 for e in examples)
+    assert any("truncated 2 of 3" in line for line in lines)
+    assert any("dropped 1 of 3" in line for line in lines)
+
+
+def test_step_data_depends_only_on_seed_and_batch_size(chat_tokenizer):
+    examples = [{"input_ids": [1] * (i % 7 + 2), "labels": [1] * (i % 7 + 2)} for i in range(50)]
+    for step in range(12):  # crosses epoch boundaries (6 whole batches of 8 per epoch)
+        idx = step_indices(50, 8, step, seed=3)
+        assert len(idx) == 8 and len(set(idx)) == 8
+        for micro in (8, 2, 1):
+            mbs = micro_batches(examples, idx, micro, pad_token_id=0)
+            assert len(mbs) == 8 // micro
+            lengths = sorted(int(m) for b in mbs for m in b["attention_mask"].sum(1))
+            assert lengths == sorted(len(examples[i]["input_ids"]) for i in idx)
+    epoch0 = [i for s in range(6) for i in step_indices(50, 8, s, seed=3)]
+    assert len(set(epoch0)) == 48  # an epoch visits distinct examples
+    assert step_indices(50, 8, 0, seed=3) != step_indices(50, 8, 0, seed=4)
+
+
+def test_batch_size_must_divide():
+    assert check_batch_sizes(8, 2) == 4
+    with pytest.raises(SystemExit, match=r"--batch-size 8 is not divisible by --micro-batch-size 3"):
+        check_batch_sizes(8, 3)
+
+
+@pytest.mark.parametrize(
+    "content,pattern",
+    [
+        ('{"messages": []}\n{"prompt": "a", "completion": "b"\n', r"bad\.jsonl:2: malformed JSON"),
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', r"bad\.jsonl:2: missing field 'completion'"),
+        ('{"foo": 1}\n', r"bad\.jsonl:1: missing field: expected 'messages', 'prompt' \+ 'completion', or 'text'"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', r"bad\.jsonl:1: field 'messages' has no assistant"),
+        ('{"messages": [{"role": "robot", "content": "hi"}]}\n', r"bad\.jsonl:1: field 'messages\[0\]\.role'"),
+        ("[1, 2]\n", r"bad\.jsonl:1: expected a JSON object"),
+        ("\n\n", r"bad\.jsonl: empty file"),
+    ],
+)
+def test_bad_data_names_file_line_and_field(chat_tokenizer, tmp_path, content, pattern):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=pattern):
+        load_sft_dataset(path, chat_tokenizer, max_length=64)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SystemExit, match=r"nope\.jsonl: no such file"):
+        read_jsonl(tmp_path / "nope.jsonl")

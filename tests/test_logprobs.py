@@ -1,0 +1,202 @@
+"""chunked_logprobs / token_logprobs against naive full-logits computations (values and gradients), and the
+masked statistics against their plain definitions."""
+
+import pytest
+import torch
+import transformers
+
+from common.logprobs import (
+    chunked_logprobs,
+    entropy_from_logits,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    selective_log_softmax,
+    token_logprobs,
+)
+
+
+def naive_logprobs(hidden, weight, targets, bias=None, temperature=1.0, softcap=None):
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, targets[..., None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+
+
+def assert_rel_close(a, b, rtol=1e-5):
+    scale = b.abs().max().clamp_min(1e-6)
+    assert (a - b).abs().max() / scale <= rtol, f"max rel err {((a - b).abs().max() / scale).item():.3g}"
+
+
+@pytest.mark.parametrize(
+    "n,h,v,temperature,chunk,use_bias,softcap",
+    [
+        (37, 16, 50, 1.0, 8, False, None),  # chunk does not divide N
+        (64, 32, 97, 0.7, 10, True, None),
+        (5, 8, 300, 1.3, 3, False, 30.0),  # soft-capping (Gemma-2)
+        (100, 24, 61, 2.0, None, True, 5.0),  # default chunking
+        (13, 16, 40, 1.0, 1000, False, None),  # one chunk larger than N
+    ],
+)
+def test_chunked_matches_naive_values_and_grads(n, h, v, temperature, chunk, use_bias, softcap):
+    g = torch.Generator().manual_seed(n * v)
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
+    bias = (torch.randn(v, generator=g) * 0.1).requires_grad_() if use_bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.randn(n, generator=g)  # an arbitrary downstream loss: sum(upstream * logps)
+
+    logps, entropy = chunked_logprobs(
+        hidden,
+        weight,
+        targets,
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        chunk_size=chunk,
+        return_entropy=True,
+    )
+    ref, ref_entropy = naive_logprobs(hidden, weight, targets, bias, temperature, softcap)
+    assert_rel_close(logps, ref)
+    assert_rel_close(entropy, ref_entropy)
+    params = [hidden, weight] + ([bias] if use_bias else [])
+    grads = torch.autograd.grad((upstream * logps).sum(), params)
+    ref_grads = torch.autograd.grad((upstream * ref).sum(), params)
+    for got, want in zip(grads, ref_grads):
+        assert_rel_close(got, want)
+
+
+def test_chunked_exact_in_float64_and_batched_shapes():
+    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 40, (3, 7))
+    logps = chunked_logprobs(hidden, weight, targets, temperature=0.9, chunk_size=4)
+    ref, _ = naive_logprobs(hidden, weight, targets, temperature=0.9)
+    assert logps.shape == (3, 7)
+    torch.testing.assert_close(logps, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(logps.sum(), weight)[0], torch.autograd.grad(ref.sum(), weight)[0])
+
+
+def test_chunked_rejects_nonpositive_temperature():
+    with pytest.raises(ValueError, match="temperature"):
+        chunked_logprobs(torch.randn(2, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long), temperature=0.0)
+
+
+def _tiny(cls_name, **cfg):
+    config_cls = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))
+    config = config_cls(**cfg)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+MODELS = {
+    "llama-tied": lambda: _tiny(
+        "LlamaForCausalLM",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    ),
+    "gemma2-softcap": lambda: _tiny(
+        "Gemma2ForCausalLM",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        final_logit_softcapping=2.0,
+        attn_implementation="eager",
+    ),
+    "phi-head-bias": lambda: _tiny(
+        "PhiForCausalLM",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    ),
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)
+    ).eval(),
+}
+
+
+def _naive_token_logprobs(model, input_ids, attention_mask, temperature):
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    return logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_token_logprobs_matches_model_logits(name):
+    model = MODELS[name]()
+    if name == "phi-head-bias":
+        assert model.lm_head.bias is not None
+        torch.nn.init.normal_(model.lm_head.bias, std=0.5)  # make the bias matter
+    input_ids = torch.randint(0, 64, (3, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0  # left padding
+    attention_mask[2, -2:] = 0  # right padding
+    for temperature in (1.0, 0.6):
+        got = token_logprobs(model, input_ids, attention_mask, temperature=temperature, chunk_size=5)
+        want = _naive_token_logprobs(model, input_ids, attention_mask, temperature)
+        valid = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
+    # gradients w.r.t. every parameter agree as well (tied embeddings receive both contributions)
+    weights = torch.randn(valid.shape) * valid
+    got_grads = torch.autograd.grad(
+        (token_logprobs(model, input_ids, attention_mask, chunk_size=4) * weights).sum(),
+        list(model.parameters()),
+        allow_unused=True,
+    )
+    want_grads = torch.autograd.grad(
+        (_naive_token_logprobs(model, input_ids, attention_mask, 1.0) * weights).sum(),
+        list(model.parameters()),
+        allow_unused=True,
+    )
+    for (pname, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        if b is None:
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"{name}: gradient of {pname}")
+
+
+def test_left_padding_gives_the_same_logprobs_as_no_padding():
+    model = MODELS["llama-tied"]()
+    ids = torch.randint(0, 64, (1, 8))
+    alone = token_logprobs(model, ids, torch.ones_like(ids))
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    torch.testing.assert_close(token_logprobs(model, padded, mask)[:, 4:], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_log_softmax_and_entropy():
+    logits = torch.randn(3, 5, 11)
+    index = torch.randint(0, 11, (3, 5))
+    want = torch.log_softmax(logits, -1).gather(-1, index[..., None])[..., 0]
+    torch.testing.assert_close(selective_log_softmax(logits, index), want)
+    p = torch.softmax(logits, -1)
+    torch.testing.assert_close(entropy_from_logits(logits, chunk_size=4), -(p * p.log()).sum(-1))
+    uniform = torch.zeros(2, 8)
+    torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2,), torch.log(torch.tensor(8.0)).item()))
+
+
+def test_masked_statistics_match_plain_definitions():
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 9.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, -7.0, 9.0])  # by hand
+    torch.testing.assert_close(masked_mean(x, mask), kept.mean())
+    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(masked_var(x, mask), kept.var())
+    torch.testing.assert_close(masked_var(x, mask, unbiased=False), kept.var(unbiased=False))
+    w = masked_whiten(x, mask, eps=0.0)
+    torch.testing.assert_close(w[mask.bool()], (kept - kept.mean()) / kept.std())
+    w2 = masked_whiten(x, mask, shift_mean=False, eps=0.0)
+    torch.testing.assert_close(w2[mask.bool()], (kept - kept.mean()) / kept.std() + kept.mean())

@@ -1,0 +1,58 @@
+"""Model and tokenizer loading, atomic saving, and the errors for unknown models."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from common.model import find_checkpoint, load_model, load_tokenizer, resolve_dtype, save_model
+
+
+def test_saved_model_reloads_with_plain_transformers(random_model_dir, tmp_path):
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not the initial weights
+    tokenizer = load_tokenizer(str(random_model_dir))
+    out = save_model(model, tokenizer, tmp_path / "final")
+    assert (out / "model.safetensors").is_file() and not (tmp_path / "final.tmp").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 99, (2, 12))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    assert AutoTokenizer.from_pretrained(out).chat_template == tokenizer.chat_template
+    # saving again over an existing directory replaces it whole
+    save_model(model, tokenizer, out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (tmp_path / "final").iterdir())
+
+
+def test_unknown_model_and_missing_path_give_one_clear_line(tmp_path):
+    with pytest.raises(SystemExit, match=r"--model '\./no/such/model': no such directory"):
+        load_model("./no/such/model")
+    with pytest.raises(SystemExit, match=r"cannot load model 'no-such-org/no-such-model-xyz'"):
+        load_model("no-such-org/no-such-model-xyz")
+
+
+def test_tokenizer_pad_fallback_warns(random_model_dir, tmp_path):
+    tok = AutoTokenizer.from_pretrained(random_model_dir)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="no pad token"):
+        loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token and loaded.padding_side == "left"
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(SystemExit, match="--dtype 'float8'"):
+        resolve_dtype("float8", torch.device("cpu"))
+
+
+def test_find_checkpoint_picks_the_newest(tmp_path):
+    for step in (2, 10, 4):
+        d = tmp_path / "checkpoints" / f"step_{step}"
+        d.mkdir(parents=True)
+        (d / "trainer_state.pt").write_bytes(b"")
+    (tmp_path / "checkpoints" / "step_20.tmp").mkdir()  # an interrupted write is never picked
+    assert find_checkpoint(tmp_path).name == "step_10"
+    with pytest.raises(SystemExit, match="no checkpoint found"):
+        find_checkpoint(tmp_path / "elsewhere")

@@ -1,0 +1,195 @@
+"""sft.py through its command line, as a user runs it: end to end, resume, bad input, and the learning test."""
+
+import json
+
+import pytest
+import torch
+from conftest import ROOT, TINY_BASE, run_script
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+FAST = ["--batch-size", "8", "--micro-batch-size", "4", "--eval-prompts", "", "--learning-rate", "1e-3"]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+
+
+def test_end_to_end_and_checkpoint_reloads(tmp_path):
+    run_script(
+        "sft.py",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--eval-every",
+        "2",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        "e2e",
+    )
+    run = tmp_path / "e2e"
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert {"eval/accuracy", "eval/general_accuracy", "eval/loss"} <= rows[0].keys() <= rows[2].keys() | rows[0].keys()
+    assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows if "eval/accuracy" in r)
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_s", "perf/peak_mem_gb"):
+        assert key in rows[1]
+    assert json.loads((run / "args.json").read_text())["max_steps"] == 3
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 12+30?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
+    assert model(input_ids=ids).logits.shape[-1] == len(tok)
+    base = AutoModelForCausalLM.from_pretrained(TINY_BASE)
+    assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)  # it trained
+
+
+def test_resume_continues_the_same_curve(tmp_path):
+    common = ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", *FAST, "--output-dir", tmp_path]
+    run_script("sft.py", *common, "--run-name", "straight")
+    straight = tmp_path / "straight"
+    # a run that stopped after step 2: only its step_2 checkpoint and metrics up to step 2 exist
+    stopped = tmp_path / "stopped"
+    (stopped / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(straight / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(straight)[:3]))
+    proc = run_script("sft.py", *common, "--resume", stopped)
+    assert "resumed at step 2" in proc.stdout + proc.stderr
+    a, b = read_metrics(straight), read_metrics(stopped)
+    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
+    for ra, rb in zip(a[3:], b[3:]):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-6, abs=1e-7)
+        assert rb["train/lr"] == pytest.approx(ra["train/lr"], rel=1e-9)
+    wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(stopped / "final").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def _bad(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    return p
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["indivisible", "missing_file", "malformed", "missing_field", "empty", "unknown_model", "bad_schedule"],
+)
+def test_bad_input_stops_with_one_clear_line(tmp_path, case):
+    flags, expect = {
+        "indivisible": (
+            ["--batch-size", "8", "--micro-batch-size", "3"],
+            "--batch-size 8 is not divisible by --micro-batch-size 3",
+        ),
+        "missing_file": (["--dataset", tmp_path / "nope.jsonl"], "nope.jsonl: no such file"),
+        "malformed": (["--dataset", _bad(tmp_path, "m.jsonl", '{"text": "ok"}\n{"text": \n')], "m.jsonl:2: malformed"),
+        "missing_field": (
+            ["--dataset", _bad(tmp_path, "f.jsonl", '{"prompt": "a"}\n')],
+            "f.jsonl:1: missing field 'completion'",
+        ),
+        "empty": (["--dataset", _bad(tmp_path, "e.jsonl", "")], "e.jsonl: empty file"),
+        "unknown_model": (["--model", "./models/none"], "--model './models/none': no such directory"),
+        "bad_schedule": (["--lr-schedule", "exp"], "--lr-schedule 'exp' is not one of"),
+    }[case]
+    proc = run_script("sft.py", *flags, "--output-dir", tmp_path / "runs", "--max-steps", "2", check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error:") and expect in lines[-1], proc.stderr[-2000:]
+    assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # stopped before training started
+
+
+def test_help_explains_every_flag():
+    out = run_script("sft.py", "--help").stdout
+    for flag in (
+        "--model",
+        "--dataset",
+        "--batch-size",
+        "--micro-batch-size",
+        "--max-length",
+        "--resume",
+        "--gradient-checkpointing",
+        "--eval-every",
+        "--save-every",
+        "--track",
+        "--learning-rate",
+    ):
+        assert flag in out
+    assert "gradient accumulation steps" in out
+
+
+def test_plain_text_records_train(tmp_path):
+    data = _bad(tmp_path, "t.jsonl", "".join(json.dumps({"text": f"line {i} of text"}) + "\n" for i in range(16)))
+    run_script(
+        "sft.py",
+        "--dataset",
+        data,
+        "--eval-dataset",
+        data,
+        "--max-steps",
+        "2",
+        *FAST,
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        "text",
+    )
+    rows = read_metrics(tmp_path / "text")
+    assert rows[-1]["eval/loss"] < rows[0]["eval/loss"]
+
+
+@pytest.mark.slow
+def test_default_run_raises_target_accuracy_by_30_points(tmp_path):
+    """The README's claim: `python sft.py` with no flags, +30 points held-out target accuracy."""
+    run_script("sft.py", "--output-dir", tmp_path, "--run-name", "default")
+    rows = read_metrics(tmp_path / "default")
+    before, after = rows[0], rows[-1]
+    assert after["eval/accuracy"] - before["eval/accuracy"] >= 0.30, (before, after)
+    print(
+        f"target {before['eval/accuracy']:.3f} -> {after['eval/accuracy']:.3f}, "
+        f"general {before['eval/general_accuracy']:.3f} -> {after['eval/general_accuracy']:.3f}"
+    )
+
+
+def test_build_pipeline_runs_on_a_small_budget(tmp_path):
+    """assets/build.py end to end (tokenizer, data, init model, pretraining through sft.py) on a tiny budget."""
+    run_script(
+        ROOT / "assets" / "build.py",
+        "--out",
+        tmp_path,
+        "--pretrain-steps",
+        "3",
+        "--pretrain-per-general-skill",
+        "50",
+        "--pretrain-target",
+        "50",
+        "--sft-examples",
+        "40",
+        "--eval-target",
+        "10",
+        "--eval-per-general-skill",
+        "5",
+        "--hidden-size",
+        "32",
+        "--num-layers",
+        "1",
+        "--eval-every",
+        "3",
+    )
+    assert (tmp_path / "tiny-base" / "model.safetensors").is_file()
+    eval_rows = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").open()]
+    train_rows = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").open()]
+    held_out = {r["prompt"] for r in eval_rows}
+    assert len(eval_rows) == 25 and not held_out & {r["messages"][0]["content"] for r in train_rows}
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tiny-base")
+    assert tok.decode(tok("What is 47+38?")["input_ids"]) == "What is 47+38?"
