@@ -60,14 +60,20 @@ def make_tasks(skill: str, n: int, seed: int, exclude: set[str] = frozenset()) -
     return out
 
 
-def make_samples(skill: str, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
-    """`n` tasks of `skill` drawn with replacement, skipping prompts in `exclude` (for large training sets)."""
+def make_samples(skill: str, n: int, seed: int, exclude: set[str] = frozenset(), accept=None) -> list[dict]:
+    """`n` tasks of `skill` drawn with replacement, skipping prompts in `exclude` and tasks `accept` rejects."""
     rng, out = random.Random(f"{skill}-train-{seed}"), []
     while len(out) < n:
         t = make_task(skill, rng)
-        if t["prompt"] not in exclude:
+        if t["prompt"] not in exclude and (accept is None or accept(t)):
             out.append(t)
     return out
+
+
+def needs_carry(task: dict) -> bool:
+    """Whether an arithmetic task's digit-wise sum carries (47+38: 7+8 >= 10) — what tiny-base mostly never saw."""
+    a, b = (int(x) for x in task["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
+    return a % 10 + b % 10 >= 10 or a // 10 + b // 10 >= 10
 
 
 def as_conversation(task: dict) -> dict:

@@ -23,8 +23,12 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = asdict(args) if is_dataclass(args) else dict(vars(args))
-        # Appending keeps a resumed run's history in one file.
-        self.metrics_file = (self.run_dir / "metrics.jsonl").open("a")
+        # A resumed run appends to the same file, after dropping rows logged past its checkpoint by the stopped run.
+        path = self.run_dir / "metrics.jsonl"
+        if start_step > 0 and path.exists():
+            rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
+            path.write_text("".join(line + "\n" for line in rows))
+        self.metrics_file = path.open("a")
         self.wandb = None
         if getattr(args, "track", False):
             import wandb

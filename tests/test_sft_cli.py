@@ -61,7 +61,8 @@ def test_resume_continues_the_same_curve(tmp_path):
     import shutil
 
     shutil.copytree(straight / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(straight)[:3]))
+    # ... and it had logged step 3 before it died: that row is dropped on resume
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(straight)[:4]))
     proc = run_script("sft.py", *common, "--resume", stopped)
     assert "resumed at step 2" in proc.stdout + proc.stderr
     a, b = read_metrics(straight), read_metrics(stopped)
@@ -73,6 +74,34 @@ def test_resume_continues_the_same_curve(tmp_path):
     wb = AutoModelForCausalLM.from_pretrained(stopped / "final").state_dict()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
+    proc = run_script(
+        "sft.py",
+        "--max-steps",
+        "5",
+        "--warmup-steps",
+        "0",
+        "--learning-rate",
+        "1e30",
+        "--max-grad-norm",
+        "1e30",
+        "--lr-schedule",
+        "constant",
+        *FAST[:4],
+        "--eval-prompts",
+        "",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        "nan",
+        check=False,
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: non-finite loss") and "at step 2" in last, proc.stderr[-1500:]
+    assert not (tmp_path / "nan" / "final").exists()
 
 
 def _bad(tmp_path, name, content):

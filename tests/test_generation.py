@@ -1,0 +1,36 @@
+"""Batched generation: the completion mask after EOS, shapes and ordering, greedy and seeded sampling."""
+
+import torch
+
+from common.generation import completion_mask, generate
+from common.model import load_model, load_tokenizer
+
+
+def test_completion_mask_by_hand():
+    eos = 2
+    ids = torch.tensor([[5, 6, 2, 0, 0], [5, 2, 2, 7, 0], [5, 6, 7, 8, 9], [2, 5, 5, 5, 5]])
+    mask, truncated = completion_mask(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+    mask, _ = completion_mask(torch.tensor([[5, 9, 3]]), [3, 9])  # several end ids: the first of any
+    assert mask.tolist() == [[1, 1, 0]]
+
+
+def test_generate_shapes_ordering_and_determinism(random_model_dir):
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu").eval()
+    tok = load_tokenizer(str(random_model_dir))
+    prompts = ["What is 1+2?", "Reverse: abcdef"]
+    out = generate(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, seed=0)
+    assert out["prompt_ids"].shape[0] == out["completion_ids"].shape[0] == 6 and len(out["texts"]) == 6
+    assert out["completion_ids"].shape == out["completion_mask"].shape and out["completion_ids"].shape[1] <= 6
+    # left padding: the shorter prompt's rows start with padding, the last column is real for every row
+    assert out["prompt_mask"][:, -1].all() and not out["prompt_mask"][:3, 0].all()
+    again = generate(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0, seed=0)
+    assert torch.equal(out["completion_ids"], again["completion_ids"])
+    g1 = generate(model, tok, prompts, greedy=True, max_new_tokens=6)
+    g2 = generate(model, tok, prompts[::-1], greedy=True, max_new_tokens=6, batch_size=1)
+    assert g1["texts"] == g2["texts"][::-1]  # greedy is independent of batching and padding
+    # padding after the first EOS, and decoded text matches the masked ids
+    for ids, m, text in zip(out["completion_ids"], out["completion_mask"], out["texts"]):
+        assert (ids[m == 0] == tok.pad_token_id).all()
+        assert tok.decode(ids[m == 1], skip_special_tokens=True) == text
