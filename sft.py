@@ -72,13 +72,13 @@ class Args:
     max_length: int = 256
     """examples are truncated to this many tokens (counted and reported)"""
     # optimization
-    max_steps: int = 300
+    max_steps: int = 800
     """optimizer steps"""
     batch_size: int = 64
     """examples per optimizer step"""
     micro_batch_size: int = 64
     """examples per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
-    learning_rate: float = 1e-3
+    learning_rate: float = 5e-4
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
     """AdamW weight decay (matrices only; not norms and biases)"""
@@ -225,6 +225,7 @@ def main(args: Args) -> None:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            tracker.close()  # the bar first, so the error is the last line
             die(
                 f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
                 "no update applied, no checkpoint written (try a lower --learning-rate)"

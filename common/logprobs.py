@@ -2,29 +2,31 @@
 
 Shapes: B batch, T sequence, N = rows (tokens), H hidden, V vocab.
 
-`chunked_logprobs` is a custom autograd function: forward and backward each walk over `chunk_size` rows at a
-time and keep only per-row scalars (the log-sum-exp) between the passes; backward recomputes each chunk's logits
-and accumulates the LM-head weight gradient into one buffer. Peak memory is the weight gradient plus one chunk,
-whatever N is. `token_logprobs` runs a transformers causal LM body once and applies its head this way.
+`chunked_logprobs` is a custom autograd function that tiles the LM head over blocks of rows and, inside each block,
+over slices of the vocabulary, with an online log-sum-exp (the flash-attention trick applied to the softmax over V).
+Between forward and backward it keeps only one scalar a row (the log-sum-exp); backward recomputes each tile's logits
+and writes the weight gradient slice by slice into one buffer. Peak memory is the weight gradient plus one tile,
+whatever N is; each weight slice is read once per row block, so the matmuls stay large and fast.
+`token_logprobs` runs a transformers causal LM body once and applies its head this way.
 """
 
 from __future__ import annotations
 
 import torch
 
-DEFAULT_CHUNK_ELEMENTS = 2**23  # logits elements per chunk (32 MiB in fp32); rows = this // V
+DEFAULT_ROWS = 4096  # rows per block
+DEFAULT_TILE_ELEMENTS = 2**23  # logits elements per tile (32 MiB in fp32): vocab slice = this // rows
 
 
-def _chunk_rows(n_rows: int, vocab: int, chunk_size: int | None) -> int:
-    if chunk_size is None:
-        chunk_size = max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-    return max(1, min(chunk_size, n_rows))
+def _tiles(n_rows: int, vocab: int, chunk_size: int | None, vocab_chunk_size: int | None) -> tuple[int, int]:
+    rows = max(1, min(chunk_size or DEFAULT_ROWS, n_rows))
+    return rows, max(1, min(vocab_chunk_size or max(128, DEFAULT_TILE_ELEMENTS // rows), vocab))
 
 
 def _head_logits(h, weight, bias, softcap, temperature):
-    """(rows, H) -> tempered fp32 logits (rows, V), and tanh(raw / softcap) (or None) for the backward pass.
+    """(rows, H) -> tempered fp32 logits (rows, v), and tanh(raw / softcap) (or None) for the backward pass.
     Order as in transformers: Gemma-2 `final_logit_softcapping` on the raw logits, then the sampling temperature."""
-    z = h @ weight.t()  # (n, V)
+    z = h @ weight.t()  # (n, v)
     z = z.to(torch.promote_types(z.dtype, torch.float32))  # bf16/fp16 -> fp32; fp32/fp64 unchanged
     if bias is not None:
         z += bias
@@ -37,65 +39,90 @@ def _head_logits(h, weight, bias, softcap, temperature):
     return z, t
 
 
+def _slice(bias, v0, v1):
+    return None if bias is None else bias[v0:v1]
+
+
 class ChunkedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, chunk_size, vocab_chunk_size, with_entropy):
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) long
         n, vocab = hidden.shape[0], weight.shape[0]
-        rows = _chunk_rows(n, vocab, chunk_size)
+        rows, cols = _tiles(n, vocab, chunk_size, vocab_chunk_size)
         out_dtype = torch.promote_types(hidden.dtype, torch.float32)
         logps = hidden.new_empty(n, dtype=out_dtype)
         lse = hidden.new_empty(n, dtype=out_dtype)
         entropy = hidden.new_zeros(n if with_entropy else 0, dtype=out_dtype)
-        for s in range(0, n, rows):
-            z, _ = _head_logits(hidden[s : s + rows], weight, bias, softcap, temperature)
-            lse_c = torch.logsumexp(z, dim=-1)  # (n,)
-            logps[s : s + rows] = z.gather(-1, targets[s : s + rows, None]).squeeze(-1) - lse_c
-            lse[s : s + rows] = lse_c
-            if with_entropy:  # H = lse - sum_v p_v z_v; a diagnostic, no gradient
-                p = torch.exp(z - lse_c[:, None])
-                entropy[s : s + rows] = lse_c - torch.bmm(p[:, None, :], z[:, :, None]).view(-1)
+        for r0 in range(0, n, rows):
+            h, tgt = hidden[r0 : r0 + rows], targets[r0 : r0 + rows]
+            m = h.new_full((h.shape[0],), -float("inf"), dtype=out_dtype)  # running max
+            sumexp = h.new_zeros(h.shape[0], dtype=out_dtype)  # running sum of exp(z - m)
+            sum_pz = h.new_zeros(h.shape[0], dtype=out_dtype)  # running sum of exp(z - m) * z (entropy)
+            target_logit = h.new_zeros(h.shape[0], dtype=out_dtype)
+            for v0 in range(0, vocab, cols):
+                z, _ = _head_logits(h, weight[v0 : v0 + cols], _slice(bias, v0, v0 + cols), softcap, temperature)
+                new_m = torch.maximum(m, z.max(-1).values)
+                rescale = torch.exp(m - new_m)
+                z_minus_m = z - new_m[:, None]
+                e = z_minus_m.exp_()  # in place: e = exp(z - m), the only other tile-sized buffer
+                sumexp = sumexp * rescale + e.sum(-1)
+                if with_entropy:
+                    sum_pz = sum_pz * rescale + torch.bmm(e[:, None, :], z[:, :, None]).view(-1)
+                m = new_m
+                inside = (tgt >= v0) & (tgt < v0 + z.shape[1])
+                picked = z.gather(-1, (tgt - v0).clamp(0, z.shape[1] - 1)[:, None]).squeeze(-1)
+                target_logit = torch.where(inside, picked, target_logit)
+            lse_r = m + sumexp.log()
+            lse[r0 : r0 + rows] = lse_r
+            logps[r0 : r0 + rows] = target_logit - lse_r
+            if with_entropy:  # H = lse - E_p[z]; a diagnostic, no gradient
+                entropy[r0 : r0 + rows] = lse_r - sum_pz / sumexp
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.temperature, ctx.softcap, ctx.rows = temperature, softcap, rows
+        ctx.temperature, ctx.softcap, ctx.tiles = temperature, softcap, (rows, cols)
         ctx.mark_non_differentiable(entropy)
         return logps, entropy
 
     @staticmethod
     def backward(ctx, grad_logps, _grad_entropy):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        temperature, softcap, rows = ctx.temperature, ctx.softcap, ctx.rows
+        temperature, softcap, (rows, cols) = ctx.temperature, ctx.softcap, ctx.tiles
+        n, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_hidden = torch.empty_like(hidden) if need_h else None
         acc_dtype = torch.promote_types(weight.dtype, torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None  # one buffer for all chunks
-        grad_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=acc_dtype) if need_b else None
-        for s in range(0, hidden.shape[0], rows):
-            h = hidden[s : s + rows]
-            dz, t = _head_logits(h, weight, bias, softcap, temperature)  # recompute this chunk's logits
-            # d logp[target] / dz = onehot(target) - softmax(z), times the incoming gradient g of each row
-            g = grad_logps[s : s + rows].to(dz.dtype)
-            dz.sub_(lse[s : s + rows, None]).exp_().mul_(-g[:, None])  # in place: dz = -g * softmax(z)
-            dz.scatter_add_(-1, targets[s : s + rows, None], g[:, None])
-            if temperature != 1.0:
-                dz /= temperature
-            if softcap is not None:
-                dz.mul_(1 - t.square())  # d(softcap * tanh(x / softcap)) / dx
-            if need_b:
-                grad_bias += dz.sum(0)
-            dz = dz.to(weight.dtype)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if need_w else None  # one buffer for all tiles
+        grad_bias = torch.zeros(vocab, device=weight.device, dtype=acc_dtype) if need_b else None
+        for r0 in range(0, n, rows):
+            h, tgt = hidden[r0 : r0 + rows], targets[r0 : r0 + rows]
+            g = grad_logps[r0 : r0 + rows].to(lse.dtype)
+            grad_h = torch.zeros(h.shape, dtype=acc_dtype, device=h.device) if need_h else None
+            for v0 in range(0, vocab, cols):
+                w = weight[v0 : v0 + cols]
+                dz, t = _head_logits(h, w, _slice(bias, v0, v0 + cols), softcap, temperature)  # recompute
+                # d logp[target] / dz = onehot(target) - softmax(z), times the incoming gradient g of each row
+                dz.sub_(lse[r0 : r0 + rows, None]).exp_().mul_(-g[:, None])  # in place: dz = -g * softmax(z)
+                inside = (tgt >= v0) & (tgt < v0 + dz.shape[1])
+                dz.scatter_add_(-1, (tgt - v0).clamp(0, dz.shape[1] - 1)[:, None], (g * inside)[:, None])
+                if temperature != 1.0:
+                    dz /= temperature
+                if softcap is not None:
+                    dz.mul_(1 - t.square())  # d(softcap * tanh(x / softcap)) / dx
+                if need_b:
+                    grad_bias[v0 : v0 + cols] += dz.sum(0)
+                dz = dz.to(weight.dtype)
+                if need_h:
+                    grad_h.addmm_(dz, w) if dz.dtype == acc_dtype else grad_h.add_(dz @ w)
+                if need_w:  # each slice of the weight gradient is written here and nowhere else
+                    gw = grad_weight[v0 : v0 + cols]
+                    gw.addmm_(dz.t(), h) if dz.dtype == acc_dtype else gw.add_(dz.t() @ h)
             if need_h:
-                grad_hidden[s : s + rows] = dz @ weight
-            if need_w:
-                if dz.dtype == grad_weight.dtype:
-                    grad_weight.addmm_(dz.t(), h)  # accumulate in place: no weight-sized temporary
-                else:
-                    grad_weight += dz.t() @ h
+                grad_hidden[r0 : r0 + rows] = grad_h
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 def chunked_logprobs(
@@ -107,12 +134,16 @@ def chunked_logprobs(
     temperature: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
     return_entropy: bool = False,
 ):
-    """log softmax(head(hidden) / temperature)[targets], one chunk of rows at a time in forward and backward.
+    """log softmax(head(hidden) / temperature)[targets], tile by tile (`chunk_size` rows a block) in forward and
+    backward, so no (N, V) tensor exists.
 
     hidden (..., H), weight (V, H), bias (V,) or None, targets (...) -> logps (...) in fp32 [, entropy (...)].
     `softcap`: Gemma-2-style final logit soft-capping, applied to the raw logits before the temperature.
+    `chunk_size` rows a block (default 4096) and `vocab_chunk_size` vocabulary entries a tile (default: 2**23 logits
+    a tile) bound the memory; they do not change the result beyond float rounding.
     Entropy of the tempered distribution comes from the same pass and carries no gradient.
 
     Naive equivalent (materializes (..., V) logits several times over):
@@ -131,6 +162,7 @@ def chunked_logprobs(
         float(temperature),
         softcap,
         chunk_size,
+        vocab_chunk_size,
         return_entropy,
     )
     return (logps.view(shape), entropy.view(shape)) if return_entropy else logps.view(shape)

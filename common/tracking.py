@@ -66,6 +66,8 @@ class Tracker:
         self.bar.write(message)
 
     def close(self) -> None:
+        if self.metrics_file.closed:
+            return
         self.bar.close()
         self.metrics_file.close()
         if self.wandb is not None:

@@ -32,16 +32,17 @@ def assert_rel_close(a, b, rtol=1e-5):
 
 
 @pytest.mark.parametrize(
-    "n,h,v,temperature,chunk,use_bias,softcap",
+    "n,h,v,temperature,chunk,vchunk,use_bias,softcap",
     [
-        (37, 16, 50, 1.0, 8, False, None),  # chunk does not divide N
-        (64, 32, 97, 0.7, 10, True, None),
-        (5, 8, 300, 1.3, 3, False, 30.0),  # soft-capping (Gemma-2)
-        (100, 24, 61, 2.0, None, True, 5.0),  # default chunking
-        (13, 16, 40, 1.0, 1000, False, None),  # one chunk larger than N
+        (37, 16, 50, 1.0, 8, 7, False, None),  # neither chunk divides its dimension
+        (64, 32, 97, 0.7, 10, 32, True, None),
+        (5, 8, 300, 1.3, 3, 41, False, 30.0),  # soft-capping (Gemma-2)
+        (100, 24, 61, 2.0, None, None, True, 5.0),  # default tiling
+        (13, 16, 40, 1.0, 1000, 1000, False, None),  # one tile larger than the whole problem
+        (9, 8, 33, 0.5, 4, 1, True, None),  # one vocabulary entry a tile
     ],
 )
-def test_chunked_matches_naive_values_and_grads(n, h, v, temperature, chunk, use_bias, softcap):
+def test_chunked_matches_naive_values_and_grads(n, h, v, temperature, chunk, vchunk, use_bias, softcap):
     g = torch.Generator().manual_seed(n * v)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
     weight = (torch.randn(v, h, generator=g) * 0.3).requires_grad_()
@@ -57,6 +58,7 @@ def test_chunked_matches_naive_values_and_grads(n, h, v, temperature, chunk, use
         temperature=temperature,
         softcap=softcap,
         chunk_size=chunk,
+        vocab_chunk_size=vchunk,
         return_entropy=True,
     )
     ref, ref_entropy = naive_logprobs(hidden, weight, targets, bias, temperature, softcap)
@@ -73,7 +75,7 @@ def test_chunked_exact_in_float64_and_batched_shapes():
     hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 40, (3, 7))
-    logps = chunked_logprobs(hidden, weight, targets, temperature=0.9, chunk_size=4)
+    logps = chunked_logprobs(hidden, weight, targets, temperature=0.9, chunk_size=4, vocab_chunk_size=9)
     ref, _ = naive_logprobs(hidden, weight, targets, temperature=0.9)
     assert logps.shape == (3, 7)
     torch.testing.assert_close(logps, ref, rtol=1e-12, atol=1e-12)
