@@ -107,31 +107,49 @@ def render_prompt(tokenizer, prompt) -> str:
     return prompt
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) for a conversation; labels are IGNORE_INDEX everywhere but the assistant's tokens.
+def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans of the assistant turns in `text` (the rendered conversation).
 
-    The assistant's span of turn i is found by rendering the template twice: up to turn i with the generation
-    prompt, and up to and including turn i. The text in between (less trailing whitespace, which belongs to the
-    template's separator) is the assistant's content plus its end-of-turn token. This works for any prefix-stable
-    chat template, with or without `{% generation %}` markers; the tokens are mapped by character offsets.
+    Prefix-stable templates: render up to turn i with the generation prompt, and up to and including turn i; the text
+    in between (less trailing whitespace, the template's separator) is the assistant's turn with its end-of-turn
+    token. Templates that re-render earlier turns (Qwen3 drops the empty `<think>` block from history turns) fall
+    back to finding each assistant content in order, plus the EOS token right after it if the template puts one there.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
+    spans, stable = [], True
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (upto.startswith(before) and text.startswith(upto)):
-            raise ValueError(
-                "the chat template is not prefix-stable (it rewrites earlier turns), so the assistant "
-                "tokens cannot be located"
-            )
+            stable = False
+            break
         spans.append((len(before), len(upto.rstrip())))
+    if stable:
+        return spans
+    spans, pos, eos = [], 0, tokenizer.eos_token or ""
+    for m in messages:
+        start = text.find(m["content"], pos)
+        if start < 0:
+            raise ValueError(f"the chat template does not render the {m['role']} content verbatim")
+        pos = start + len(m["content"])
+        if m["role"] == "assistant":
+            end = pos + len(eos) if eos and text.startswith(eos, pos) else pos
+            spans.append((start, end))
+            pos = end
+    return spans
+
+
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for a conversation; labels are IGNORE_INDEX everywhere but the assistant's tokens
+    (every assistant turn, its end-of-turn token included). Works with any chat template, with or without
+    `{% generation %}` markers: the spans come from the rendered text and map to tokens by character offsets."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = _assistant_spans(tokenizer, messages, text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [IGNORE_INDEX] * len(enc["input_ids"])
     for k, (tok, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
-        if any(s <= a and b <= e for s, e in spans) and b > a:
+        if b > a and any(s <= a and b <= e for s, e in spans):
             labels[k] = tok
     return list(enc["input_ids"]), labels
 

@@ -1,5 +1,6 @@
 """Tokenization and loss masks, batching, and the bad-input messages of common.data."""
 
+import copy
 import json
 
 import pytest
@@ -49,6 +50,25 @@ def test_multi_turn_mask_covers_every_assistant_turn_and_nothing_else(chat_token
     )
     assert ids == ref["input_ids"]
     assert [int(x != IGNORE_INDEX) for x in labels] == ref["assistant_masks"]
+
+
+QWEN3_LIKE = (  # renders an empty <think> block only on assistant turns after the last user message
+    "{%- set ns = namespace(last=0) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
+    "{%- endif %}{%- endfor %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
+    "{%- if m.role == 'assistant' and loop.index0 > ns.last %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- m.content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_template_that_rewrites_history_falls_back_to_content_spans(chat_tokenizer):
+    tok = copy.deepcopy(chat_tokenizer)
+    tok.chat_template = QWEN3_LIKE
+    conversation = CONVERSATION[1:]
+    text = tok.apply_chat_template(conversation, tokenize=False)
+    assert text.count("<think>") == 1  # history turns lose the block: not prefix-stable
+    _, labels = tokenize_conversation(tok, conversation)
+    assert labeled_text(tok, labels) == ["85<|im_end|>", "cba<|im_end|>"]
 
 
 def test_record_shapes(chat_tokenizer):

@@ -56,3 +56,19 @@ def test_find_checkpoint_picks_the_newest(tmp_path):
     assert find_checkpoint(tmp_path).name == "step_10"
     with pytest.raises(SystemExit, match="no checkpoint found"):
         find_checkpoint(tmp_path / "elsewhere")
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(random_model_dir):
+    from common.logprobs import token_logprobs
+
+    ids = torch.randint(4, 99, (2, 16))
+    mask = torch.ones_like(ids)
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(str(random_model_dir), dtype="float32", device="cpu", gradient_checkpointing=checkpointing)
+        model.train()
+        token_logprobs(model, ids, mask).sum().backward()
+        grads.append({k: p.grad for k, p in model.named_parameters()})
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)

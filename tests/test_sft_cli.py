@@ -222,3 +222,29 @@ def test_build_pipeline_runs_on_a_small_budget(tmp_path):
     assert len(eval_rows) == 25 and not held_out & {r["messages"][0]["content"] for r in train_rows}
     tok = AutoTokenizer.from_pretrained(tmp_path / "tiny-base")
     assert tok.decode(tok("What is 47+38?")["input_ids"]) == "What is 47+38?"
+
+
+def test_track_logs_to_wandb_offline(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    cmd = [
+        sys.executable,
+        "sft.py",
+        "--max-steps",
+        "1",
+        *FAST,
+        "--eval-dataset",
+        "",
+        "--track",
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "tracked",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    offline_runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
+    assert offline_runs and list(offline_runs[0].glob("*.wandb"))
