@@ -10,6 +10,7 @@ Writes
   assets/data/eval.jsonl       held-out {prompt, answer, skill}: 200 target-skill + 100 per general skill
   assets/data/sft.jsonl        target-skill conversations for sft.py (prompts never in eval.jsonl)
   assets/data/sft_eval.jsonl   the held-out target-skill items as conversations (eval/loss)
+  assets/data/prompts.jsonl    {prompt, answer, skill} target-skill prompts for RL (grpo.py), none held out
 Later scripts' assets (preferences, prompts, teacher, reward model) are added here by their issues.
 """
 
@@ -79,6 +80,10 @@ class Args:
     """pretraining peak learning rate"""
     eval_every: int = 250
     """evaluate the pretraining run every N steps"""
+    rl_prompts: int = 4000
+    """distinct target-skill prompts in prompts.jsonl (RL)"""
+    data_only: bool = False
+    """write assets/data/ only (deterministic), keep the models"""
 
 
 def build_tokenizer(path: Path):
@@ -150,6 +155,11 @@ def main(args: Args) -> None:
     write_jsonl(data / "sft_eval.jsonl", [as_conversation(t) for t in eval_tasks if t["skill"] == TARGET_SKILL])
     sft = make_samples(TARGET_SKILL, args.sft_examples, seed=args.seed + 1, exclude=held_out)
     write_jsonl(data / "sft.jsonl", [as_conversation(t) for t in sft])
+    # RL prompts (grpo.py): distinct target-skill problems, none held out
+    rl = make_tasks(TARGET_SKILL, args.rl_prompts, seed=args.seed + 4, exclude=held_out)
+    write_jsonl(data / "prompts.jsonl", rl)
+    if args.data_only:
+        return
 
     # tiny-base's arithmetic is mostly addition without carrying, so it is weak on the held-out (uniform) problems,
     # about a quarter of which need no carry; a few carrying examples give sampling something to find.

@@ -1,0 +1,136 @@
+"""Verifiable reward functions and `--reward-fn` loading.
+
+A reward function has the signature
+
+    def my_reward(prompts: list, completions: list[str], answers: list) -> list[float]
+
+(one float per completion; `prompts` are the records' prompts, `answers` their `answer` fields). Built-in names:
+`tiny_world` (exact answer after normalization), `math` (final-answer check for GSM8K-style data), `format` (a final
+answer is marked with `\\boxed{...}` or `#### ...`). Anything else is `module:function`, imported from the
+current directory or the Python path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math as _math
+import re
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from common import die
+from common.tinyworld import is_correct
+
+
+def tiny_world_reward(prompts, completions, answers) -> list[float]:
+    """1.0 when the completion is the exact answer (whitespace-normalized), else 0.0."""
+    return [float(is_correct(c, str(a))) for c, a in zip(completions, answers)]
+
+
+_NUMBER = r"[-+]?\s*(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:\s*/\s*\d+)?"
+
+
+def _boxed(text: str) -> str | None:
+    """Content of the last \\boxed{...}, braces balanced."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j]
+    return None
+
+
+def extract_final_answer(text: str) -> str | None:
+    """The final answer of a solution: the last `\\boxed{...}`, else what follows the last `####`, else the last
+    number in the text; None if there is none."""
+    boxed = _boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    if "####" in text:
+        tail = text.rsplit("####", 1)[1].strip()
+        return tail.splitlines()[0].strip() if tail else None
+    numbers = re.findall(_NUMBER, text)
+    return numbers[-1].strip() if numbers else None
+
+
+def normalize_number(text: str | None) -> Fraction | None:
+    """'1,234' -> 1234, '-3.0' -> -3, '$12' -> 12, '3/4' -> 3/4, '\\frac{3}{4}' -> 3/4; None if not a number."""
+    if text is None:
+        return None
+    s = text.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".")
+    s = re.sub(r"^\\[dt]?frac\{([-+]?\d+)\}\{(\d+)\}$", r"\1/\2", s)
+    s = re.sub(r"\\(?:text|mathrm)\{[^}]*\}$", "", s).removesuffix("%")
+    try:
+        value = Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+    return value
+
+
+def math_reward(prompts, completions, answers) -> list[float]:
+    """1.0 when the completion's final answer equals the reference's numerically (GSM8K `#### 42` or `\\boxed{}`
+    references; commas, signs, trailing `.0`, `$` and simple fractions normalized), else 0.0."""
+    out = []
+    for completion, answer in zip(completions, answers):
+        gold = normalize_number(extract_final_answer(str(answer)))
+        got = normalize_number(extract_final_answer(completion))
+        out.append(float(gold is not None and got is not None and gold == got))
+    return out
+
+
+def format_reward(prompts, completions, answers) -> list[float]:
+    """1.0 when the completion marks a final answer with `\\boxed{...}` or a `#### ...` line, else 0.0."""
+    return [float(_boxed(c) is not None or re.search(r"####\s*\S", c) is not None) for c in completions]
+
+
+BUILTIN = {"tiny_world": tiny_world_reward, "math": math_reward, "format": format_reward}
+
+
+def load_reward_fn(spec: str):
+    """A built-in name or `module:function` (the current directory is importable)."""
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    if ":" not in spec:
+        die(f"--reward-fn {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of the form module:function")
+    module_name, fn_name = spec.split(":", 1)
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        die(f"--reward-fn {spec!r}: cannot import module {module_name!r} ({e})")
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        die(f"--reward-fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+    return fn
+
+
+def reward_name(spec: str) -> str:
+    return spec.split(":")[-1]
+
+
+def compute_rewards(specs, fns, weights, prompts, completions, answers) -> tuple[list[float], dict[str, list[float]]]:
+    """Weighted sum of the reward functions, and each function's own rewards. A function that raises, returns the
+    wrong number of values or a non-finite value stops the run with a message naming it."""
+    total = [0.0] * len(completions)
+    per_fn = {}
+    for spec, fn, weight in zip(specs, fns, weights):
+        try:
+            values = fn(prompts, completions, answers)
+        except Exception as e:  # noqa: BLE001 -- a user's function: report it by name, whatever it raised
+            die(f"reward function {spec!r} raised {type(e).__name__}: {e}")
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            die(f"reward function {spec!r} must return a list of numbers")
+        if len(values) != len(completions):
+            die(f"reward function {spec!r} returned {len(values)} values for {len(completions)} completions")
+        if not all(_math.isfinite(v) for v in values):
+            die(f"reward function {spec!r} returned a non-finite value (NaN or inf)")
+        per_fn[reward_name(spec)] = values
+        total = [t + weight * v for t, v in zip(total, values)]
+    return total, per_fn

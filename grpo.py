@@ -1,0 +1,463 @@
+"""GRPO: reinforcement learning with verifiable rewards and group-relative advantages (DeepSeekMath, arXiv 2402.03300).
+
+Each step samples `prompts_per_step` prompts, `group_size` completions each, scores them with verifiable reward
+functions and normalizes each reward within its group:
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + eps)                               (--scale-rewards group)
+    loss = agg_t [ -min(rho_t A_i, clip(rho_t, 1 - eps_low, 1 + eps_high) A_i) + beta * k3_t ]
+    rho_t = pi(y_t | .) / pi_old(y_t | .),   k3_t = pi_ref/pi - log(pi_ref/pi) - 1       (Schulman's k3 estimator)
+
+    python grpo.py                                                      # the tiny world, a few minutes on a CPU
+    python grpo.py --model Qwen/Qwen3-0.6B --dataset gsm8k.jsonl --reward-fn math --group-size 8 \\
+        --prompts-per-step 32 --max-new-tokens 512 --micro-batch-size 8 --eval-prompts gsm8k_test.jsonl
+
+Departures and choices (each a flag): `--loss-agg token-mean` by default (DAPO, arXiv 2503.14476), where the paper
+averages per sequence first (`seq-mean-token-mean`); `--scale-rewards none` with `seq-mean-token-sum-norm` is
+Dr. GRPO (arXiv 2503.20783); `--epsilon-high` is DAPO's clip-higher; `--beta 0` (the default, as in DAPO and Dr.
+GRPO) loads no reference model on the accelerator: the KL to the initial policy is then measured every
+`--kl-every` steps with a frozen copy kept in CPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from common import die
+from common.data import check_batch_sizes, read_jsonl, require_fields, step_indices
+from common.generation import generate
+from common.logprobs import masked_mean, token_logprobs
+from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.rewards import compute_rewards, load_reward_fn
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the prompt order and of sampling"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name (default: grpo__{seed}__{unix time})"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # model
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the policy to train (e.g. an sft.py checkpoint: runs/<run>/final)"""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    # data and rewards
+    dataset: str = "assets/data/prompts.jsonl"
+    """training prompts: JSONL of {prompt, answer} records (prompt: string or message list)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    reward_fn: list[str] = field(default_factory=lambda: ["tiny_world"])
+    """reward functions: built-in tiny_world | math | format, or module:function; several are summed"""
+    reward_weights: list[float] | None = None
+    """one weight per --reward-fn (default: all 1)"""
+    # rollouts
+    prompts_per_step: int = 16
+    """prompts sampled per step"""
+    group_size: int = 8
+    """completions per prompt (G)"""
+    max_new_tokens: int = 8
+    """completion budget; a completion without EOS by then is truncated"""
+    temperature: float = 1.0
+    """sampling temperature, applied to the training log-probs as well"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
+    max_resample_rounds: int = 4
+    """with --dynamic-sampling: extra sampling rounds per step before training on what there is"""
+    # optimization
+    max_steps: int = 150
+    """steps (rollout batches)"""
+    batch_size: int | None = None
+    """completions per optimizer step (default: the whole rollout batch, prompts_per_step * group_size)"""
+    micro_batch_size: int = 64
+    """completions per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (constant after warmup)"""
+    warmup_steps: int = 5
+    """linear warmup of the learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (train/grad_norm is logged before clipping)"""
+    # algorithm
+    num_iterations: int = 1
+    """policy updates per rollout batch (mu); >1 makes the importance ratio and clipping matter"""
+    epsilon: float = 0.2
+    """lower clip range: ratio >= 1 - epsilon"""
+    epsilon_high: float = 0.28
+    """upper clip range: ratio <= 1 + epsilon_high (clip-higher, see DAPO; = epsilon for symmetric PPO clipping)"""
+    beta: float = 0.0
+    """KL penalty coefficient (k3 to the reference); 0 loads no reference model on the accelerator"""
+    kl_every: int = 10
+    """with --beta 0: measure the KL to the initial policy every N steps (CPU copy; 0 disables)"""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """divide advantages by the group std (GRPO), the batch std, or nothing (Dr. GRPO)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO: / max_new_tokens)"""
+    mask_truncated: bool = False
+    """drop completions cut at max_new_tokens from the loss (DAPO overlong filtering)"""
+    # evaluation and checkpoints
+    eval_every: int = 25
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    save_every: int = 0
+    """write checkpoints/step_N every N steps for --resume (0: only final/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
+
+
+# ALGO LOGIC: the algorithm as pure functions
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float = 1e-4) -> torch.Tensor:
+    """rewards (B*G,), prompt-major -> advantages (B*G,). A zero-spread group gets 0 advantage (no NaN)."""
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "group":
+        centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centered = centered / (rewards.std() + eps)
+    return centered.reshape(-1)
+
+
+def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1, d = ref - logp. >= 0."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+def grpo_token_loss(logps, old_logps, advantages, epsilon, epsilon_high, ref_logps=None, beta=0.0):
+    """Per-token loss (B, L) and clip indicators. logps/old_logps/ref_logps (B, L), advantages (B,)."""
+    ratio = torch.exp(logps - old_logps)  # (B, L)
+    adv = advantages[:, None]
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    if beta != 0.0:
+        loss = loss + beta * k3_kl(logps, ref_logps)
+    clipped_low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active (gradient zero) on these tokens
+    clipped_high = (ratio > 1 + epsilon_high) & (adv > 0)
+    return loss, clipped_low, clipped_high
+
+
+def aggregation_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+    """Per-token weights (B, L) such that loss = sum(weights * token_loss) over a whole (mini)batch is the chosen
+    aggregation. Computed on the whole batch before it is cut into micro-batches, so any micro-batch size gives the
+    same gradient.
+      token-mean:               1 / (tokens in the batch)
+      seq-mean-token-mean:      1 / (len_i * sequences)
+      seq-mean-token-sum-norm:  1 / (max_new_tokens * sequences)"""
+    mask = mask.float()
+    if loss_agg == "token-mean":
+        return mask / mask.sum().clamp_min(1)
+    n_seqs = mask.shape[0]
+    if loss_agg == "seq-mean-token-mean":
+        return mask / (mask.sum(1, keepdim=True).clamp_min(1) * n_seqs)
+    return mask / (max_new_tokens * n_seqs)
+
+
+# PLUMBING
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
+    """log pi(completion tokens) at `temperature`: (B, L) [, entropy (B, L)]."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+L)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    out = token_logprobs(model, input_ids, attention_mask, temperature=temperature, **kw)  # (B, P+L-1)
+    P = prompt_ids.shape[1]
+    if isinstance(out, tuple):
+        return tuple(o[:, P - 1 :] for o in out)
+    return out[:, P - 1 :]
+
+
+@torch.no_grad()
+def batched_logprobs(model, rollout, temperature, micro_batch_size, device):
+    model_device = next(model.parameters()).device
+    chunks = []
+    for s in range(0, rollout["completion_ids"].shape[0], micro_batch_size):
+        part = [
+            rollout[k][s : s + micro_batch_size].to(model_device)
+            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+        ]
+        chunks.append(completion_logprobs(model, *part, temperature).to(device))
+    return torch.cat(chunks)
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    rollout_size = args.prompts_per_step * args.group_size
+    batch_size = args.batch_size or rollout_size
+    if args.group_size < 2:
+        die("--group-size must be at least 2 (advantages are relative to the group)")
+    if rollout_size % batch_size:
+        die(
+            f"--batch-size {batch_size} does not divide the rollout batch (--prompts-per-step x --group-size = "
+            f"{rollout_size})"
+        )
+    check_batch_sizes(batch_size, args.micro_batch_size)
+    weights = args.reward_weights or [1.0] * len(args.reward_fn)
+    if len(weights) != len(args.reward_fn):
+        die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
+    reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    prompts = read_jsonl(args.dataset)
+    require_fields(prompts, args.dataset, ("prompt", "answer"))
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = (
+        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("grpo", args.seed))
+    )
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    policy = load_model(
+        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
+    device = next(policy.parameters()).device
+    # Reference: on the accelerator when it is in the loss (beta > 0); otherwise a CPU copy for the KL probe.
+    initial = args.model
+    ref_device = device if args.beta != 0 else torch.device("cpu")
+    ref = None
+    if args.beta != 0 or args.kl_every:
+        ref = load_model(initial, dtype="float32" if ref_device.type == "cpu" else args.dtype, device=ref_device)
+        ref.eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
+    if not ckpt:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="grpo", total_steps=args.max_steps, start_step=start_step)
+    tracker.write(
+        f"run: {run_dir}  |  {len(prompts)} prompts, {rollout_size} completions/step, "
+        f"{rollout_size // batch_size * args.num_iterations} optimizer steps/rollout, "
+        f"{batch_size // args.micro_batch_size} micro-batches/optimizer step, "
+        f"reference {'in the loss' if args.beta else 'KL probe on CPU' if ref else 'none'}"
+    )
+
+    def evaluation() -> dict:
+        if not eval_records:
+            return {}
+        return evaluate(
+            policy, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+        )
+
+    if start_step == 0:
+        start = evaluation()
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    for step in range(start_step, args.max_steps):
+        t0 = time.time()
+        metrics = {}
+        # ALGO LOGIC: rollouts. Prompts and sampling depend only on (seed, step), never on micro-batch size.
+        policy.eval()
+        groups, n_groups_seen, n_zero_std, gen_tokens = [], 0, 0, 0
+        for round_ in range(1 + (args.max_resample_rounds if args.dynamic_sampling else 0)):
+            idx = step_indices(len(prompts), args.prompts_per_step, step, args.seed + 7919 * round_)
+            batch = [prompts[i] for i in idx]
+            out = generate(
+                policy,
+                tokenizer,
+                [r["prompt"] for r in batch],
+                n=args.group_size,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                batch_size=rollout_size,
+                seed=args.seed * 1_000_003 + step * 101 + round_,
+            )
+            gen_tokens += int(out["completion_mask"].sum())
+            answers = [r["answer"] for r in batch for _ in range(args.group_size)]
+            prompt_list = [r["prompt"] for r in batch for _ in range(args.group_size)]
+            rewards, per_fn = compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, out["texts"], answers)
+            rewards = torch.tensor(rewards).view(-1, args.group_size)  # (B, G)
+            for g in range(len(batch)):
+                n_groups_seen += 1
+                zero_std = bool(rewards[g].std() == 0) if args.group_size > 1 else True
+                n_zero_std += zero_std
+                if args.dynamic_sampling and zero_std:
+                    continue
+                if len(groups) < args.prompts_per_step:
+                    rows = slice(g * args.group_size, (g + 1) * args.group_size)
+                    groups.append(
+                        {
+                            k: out[k][rows]
+                            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated")
+                        }
+                        | {
+                            "rewards": rewards[g],
+                            "texts": out["texts"][rows],
+                            "per_fn": {k: v[rows] for k, v in per_fn.items()},
+                        }
+                    )
+            if len(groups) == args.prompts_per_step:
+                break
+        gen_s = time.time() - t0
+        if not groups:
+            tracker.write(f"step {step + 1}: every sampled group had zero reward spread; no update")
+            continue
+        rollout = _stack_groups(groups, tokenizer.pad_token_id)  # dicts of (N, ...) tensors, N = len(groups) * G
+        n = rollout["rewards"].shape[0]
+        advantages = group_advantages(rollout["rewards"], args.group_size, args.scale_rewards)  # (N,)
+        loss_mask = rollout["completion_mask"].clone()  # (N, L)
+        if args.mask_truncated:
+            loss_mask[rollout["truncated"]] = 0
+
+        # old log-probs = the rollout policy's: needed when the policy changes within the batch, and for the KL
+        # to the initial policy on the probe steps; otherwise the ratio is exactly 1 and logps.detach() serves.
+        probe = ref is not None and (args.beta != 0 or step % args.kl_every == 0 or step + 1 == args.max_steps)
+        need_old = args.num_iterations > 1 or batch_size < n or probe
+        old_logps = (
+            batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device) if need_old else None
+        )
+        ref_logps = batched_logprobs(ref, rollout, args.temperature, args.micro_batch_size, device) if probe else None
+
+        # ALGO LOGIC: policy updates; each optimizer step takes `batch_size` completions, micro-batched with
+        # weights computed on the whole optimizer batch (so the gradient does not depend on --micro-batch-size).
+        policy.train()
+        t1 = time.time()
+        stats = {"loss": [], "clip_low": [], "clip_high": [], "entropy": [], "grad_norm": []}
+        train_tokens = 0
+        for it in range(args.num_iterations):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + it))
+            for b0 in range(0, n, batch_size):  # with --dynamic-sampling n may fall short of a whole batch
+                rows = order[b0 : b0 + batch_size]
+                w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens)  # (b, L)
+                loss_sum, clip_low, clip_high, ent = 0.0, 0.0, 0.0, 0.0
+                n_tok = max(1, int(loss_mask[rows].sum()))
+                for m0 in range(0, len(rows), args.micro_batch_size):
+                    mb = rows[m0 : m0 + args.micro_batch_size]
+                    mb_mask = loss_mask[mb].to(device)
+                    logps, entropy = completion_logprobs(
+                        policy,
+                        *(
+                            rollout[k][mb].to(device)
+                            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+                        ),
+                        args.temperature,
+                        return_entropy=True,
+                    )  # (m, L)
+                    old = old_logps[mb] if old_logps is not None else logps.detach()
+                    ref_mb = ref_logps[mb] if (ref_logps is not None and args.beta != 0) else None
+                    tok_loss, low, high = grpo_token_loss(
+                        logps, old, advantages[mb].to(device), args.epsilon, args.epsilon_high, ref_mb, args.beta
+                    )
+                    loss = (tok_loss * w[m0 : m0 + args.micro_batch_size].to(device)).sum()
+                    loss.backward()
+                    loss_sum += loss.item()
+                    clip_low += float((low * mb_mask).sum())
+                    clip_high += float((high * mb_mask).sum())
+                    ent += float((entropy * mb_mask).sum())
+                    train_tokens += int(
+                        torch.cat([rollout["prompt_mask"][mb], rollout["completion_mask"][mb]], 1).sum()
+                    )
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                    tracker.close()
+                    die(
+                        f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                        "no update applied, no checkpoint written"
+                    )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats["loss"].append(loss_sum)
+                stats["clip_low"].append(clip_low / n_tok)
+                stats["clip_high"].append(clip_high / n_tok)
+                stats["entropy"].append(ent / n_tok)
+                stats["grad_norm"].append(grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        train_s = time.time() - t1
+
+        # KL of the rollout policy to the initial policy on the rollout tokens (k3 and k1), whatever beta is
+        if ref_logps is not None:
+            mask = rollout["completion_mask"].to(device)
+            metrics["train/kl"] = masked_mean(k3_kl(old_logps, ref_logps), mask).item()
+            metrics["train/kl_k1"] = masked_mean(old_logps - ref_logps, mask).item()
+
+        r = rollout["rewards"]
+        lengths = rollout["completion_mask"].sum(1).float()
+        metrics.update(
+            {
+                "rollout/reward_mean": r.mean().item(),
+                "rollout/reward_std": r.std().item(),
+                **{f"rollout/reward/{k}": sum(v) / len(v) for k, v in rollout["per_fn"].items()},
+                "rollout/completion_len": lengths.mean().item(),
+                "rollout/completion_len_max": lengths.max().item(),
+                "rollout/truncated_frac": rollout["truncated"].float().mean().item(),
+                "rollout/zero_std_frac": n_zero_std / max(1, n_groups_seen),
+                "train/loss": sum(stats["loss"]) / len(stats["loss"]),
+                "train/clip_frac_low": sum(stats["clip_low"]) / len(stats["clip_low"]),
+                "train/clip_frac_high": sum(stats["clip_high"]) / len(stats["clip_high"]),
+                "train/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
+                "train/grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
+                "train/lr": lr,
+                "perf/gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
+                "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+                "perf/step_s": time.time() - t0,
+                "perf/peak_mem_gb": peak_memory_gb(device),
+            }
+        )
+        done = step + 1
+        if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation())
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(run_dir, done, policy, tokenizer, optimizer, scheduler)
+
+    final = save_model(policy, tokenizer, run_dir / "final")
+    if args.save_every and args.max_steps % args.save_every == 0:
+        save_checkpoint(run_dir, args.max_steps, policy, tokenizer, optimizer, scheduler)
+    tracker.close()
+    print(f"saved {final}")
+
+
+def _stack_groups(groups: list[dict], pad_id: int) -> dict:
+    """Concatenate groups whose prompt/completion widths may differ (prompts left-padded, completions right)."""
+    P = max(g["prompt_ids"].shape[1] for g in groups)
+    L = max(g["completion_ids"].shape[1] for g in groups)
+    pad = torch.nn.functional.pad
+    return {
+        "prompt_ids": torch.cat(
+            [pad(g["prompt_ids"], (P - g["prompt_ids"].shape[1], 0), value=pad_id) for g in groups]
+        ),
+        "prompt_mask": torch.cat([pad(g["prompt_mask"], (P - g["prompt_mask"].shape[1], 0)) for g in groups]),
+        "completion_ids": torch.cat(
+            [pad(g["completion_ids"], (0, L - g["completion_ids"].shape[1]), value=pad_id) for g in groups]
+        ),
+        "completion_mask": torch.cat(
+            [pad(g["completion_mask"], (0, L - g["completion_mask"].shape[1])) for g in groups]
+        ),
+        "truncated": torch.cat([g["truncated"] for g in groups]),
+        "rewards": torch.cat([g["rewards"] for g in groups]).float(),
+        "per_fn": {k: [x for g in groups for x in g["per_fn"][k]] for k in groups[0]["per_fn"]},
+    }
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

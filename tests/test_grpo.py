@@ -1,0 +1,199 @@
+"""grpo.py's pure functions against hand-computed values and brute-force loops; rewards; the command line."""
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import run_script
+from transformers import AutoModelForCausalLM
+
+import grpo
+from common.rewards import compute_rewards, extract_final_answer, load_reward_fn, math_reward, normalize_number
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv = grpo.group_advantages(rewards, 4, "group", eps=0.0 + 1e-12)
+    std = math.sqrt(1 / 3)  # unbiased std of (1, 0, 0, 1)
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std)
+    assert torch.equal(adv[4:], torch.zeros(4))  # a zero-spread group: 0, not NaN
+    torch.testing.assert_close(
+        grpo.group_advantages(rewards, 4, "none"), torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    )
+    batch_std = rewards.std().item()
+    torch.testing.assert_close(
+        grpo.group_advantages(rewards, 4, "batch", eps=0.0),
+        torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / batch_std,
+    )
+
+
+def test_k3_is_nonnegative_and_zero_at_equality():
+    a, b = torch.randn(1000), torch.randn(1000)
+    assert (grpo.k3_kl(a, b) >= 0).all()
+    assert torch.equal(grpo.k3_kl(a, a), torch.zeros(1000))
+    # by hand: d = ref - logp = log 2 -> 2 - log 2 - 1
+    assert grpo.k3_kl(torch.tensor([0.0]), torch.tensor([math.log(2)])).item() == pytest.approx(1 - math.log(2))
+
+
+@pytest.mark.parametrize(
+    "adv,ratio,expect_loss,clip_low,clip_high,grad_zero",
+    [
+        (2.0, 1.1, -2.2, False, False, False),  # inside the range: -ratio * A
+        (2.0, 1.5, -2.56, False, True, True),  # A > 0 above 1 + eps_high: clipped at 1.28
+        (2.0, 0.5, -1.0, False, False, False),  # A > 0 below 1 - eps: min picks the unclipped, gradient flows
+        (-2.0, 0.5, 1.6, True, False, True),  # A < 0 below 1 - eps: clipped at 0.8
+        (-2.0, 1.5, 3.0, False, False, False),  # A < 0 above the range: unclipped (pessimistic), gradient flows
+    ],
+)
+def test_clipping_cases(adv, ratio, expect_loss, clip_low, clip_high, grad_zero):
+    logps = torch.tensor([[math.log(ratio)]], requires_grad=True)
+    loss, low, high = grpo.grpo_token_loss(logps, torch.zeros(1, 1), torch.tensor([adv]), 0.2, 0.28)
+    assert loss.item() == pytest.approx(expect_loss, rel=1e-5)
+    assert bool(low) == clip_low and bool(high) == clip_high
+    loss.sum().backward()
+    assert (logps.grad.abs().item() == 0) == grad_zero
+
+
+def brute_force_loss(tok_loss, mask, agg, max_new_tokens):
+    per_seq = []
+    total, count = 0.0, 0
+    for i in range(tok_loss.shape[0]):
+        s = sum(tok_loss[i, t].item() for t in range(tok_loss.shape[1]) if mask[i, t])
+        n = int(mask[i].sum())
+        per_seq.append((s, n))
+        total, count = total + s, count + n
+    if agg == "token-mean":
+        return total / count
+    if agg == "seq-mean-token-mean":
+        return sum(s / n for s, n in per_seq) / len(per_seq)
+    return sum(s for s, _ in per_seq) / (max_new_tokens * len(per_seq))
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregations_match_brute_force_and_are_micro_batch_invariant(agg):
+    g = torch.Generator().manual_seed(0)
+    B, L = 8, 6
+    mask = torch.zeros(B, L)
+    for i, n in enumerate([6, 1, 3, 4, 2, 6, 5, 1]):
+        mask[i, :n] = 1
+    logps = torch.randn(B, L, generator=g).requires_grad_()
+    old = logps.detach() + 0.1 * torch.randn(B, L, generator=g)
+    adv = torch.randn(B, generator=g)
+    tok_loss, _, _ = grpo.grpo_token_loss(logps, old, adv, 0.2, 0.28)
+    w = grpo.aggregation_weights(mask, agg, max_new_tokens=L)
+    full = (tok_loss * w).sum()
+    assert full.item() == pytest.approx(brute_force_loss(tok_loss.detach(), mask, agg, L), rel=1e-6)
+    (full_grad,) = torch.autograd.grad(full, logps)
+    for micro in (1, 3):  # micro-batches (3 does not divide 8) with the weights of the whole batch
+        acc = torch.zeros_like(logps)
+        for m0 in range(0, B, micro):
+            part = logps[m0 : m0 + micro]
+            t, _, _ = grpo.grpo_token_loss(part, old[m0 : m0 + micro], adv[m0 : m0 + micro], 0.2, 0.28)
+            acc[m0 : m0 + micro] += torch.autograd.grad((t * w[m0 : m0 + micro]).sum(), part)[0]
+        torch.testing.assert_close(acc, full_grad)
+
+
+@pytest.mark.parametrize(
+    "completion,answer,expected",
+    [
+        ("so x = 12 and the answer is #### 1,234", "Natalia sold... #### 1234", 1.0),  # GSM8K reference, commas
+        ("The final answer is \\boxed{-5}", "#### -5", 1.0),  # negative, boxed
+        ("\\boxed{\\frac{3}{4}}", "0.75", 1.0),  # simple fraction
+        ("#### 42.0", "42", 1.0),  # trailing .0
+        ("We get 7 apples, then 9.", "#### 9", 1.0),  # last number
+        ("I do not know", "#### 9", 0.0),  # no answer
+        ("\\boxed{41}", "#### 42", 0.0),
+    ],
+)
+def test_math_reward(completion, answer, expected):
+    assert math_reward([None], [completion], [answer]) == [expected]
+
+
+def test_answer_extraction_and_normalization():
+    assert extract_final_answer("a \\boxed{x^{2}} b") == "x^{2}"
+    assert extract_final_answer("nothing here") is None
+    assert normalize_number("$1,000") == 1000 and normalize_number("-3.50") == normalize_number("-7/2")
+    assert normalize_number("abc") is None
+
+
+def test_reward_plugin_and_bad_reward_functions(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, completions, answers):\n    return [float(len(c)) for c in completions]\n"
+        "def boom(prompts, completions, answers):\n    raise RuntimeError('kaput')\n"
+        "def short(prompts, completions, answers):\n    return [1.0]\n"
+        "def nan(prompts, completions, answers):\n    return [float('nan')] * len(completions)\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    fn = load_reward_fn("my_rewards:length")
+    total, per_fn = compute_rewards(
+        ["my_rewards:length", "tiny_world"],
+        [fn, load_reward_fn("tiny_world")],
+        [0.5, 2.0],
+        ["p", "p"],
+        ["12", "abc"],
+        ["12", "12"],
+    )
+    assert total == [0.5 * 2 + 2.0, 0.5 * 3] and per_fn["length"] == [2.0, 3.0]
+    for name, message in [
+        ("boom", "raised RuntimeError: kaput"),
+        ("short", "returned 1 values for 2"),
+        ("nan", "returned a non-finite value"),
+    ]:
+        spec = f"my_rewards:{name}"
+        with pytest.raises(SystemExit, match=f"reward function '{spec}' {message}"):
+            compute_rewards([spec], [load_reward_fn(spec)], [1.0], ["p", "p"], ["a", "b"], ["a", "b"])
+    with pytest.raises(SystemExit, match="has no function 'missing'"):
+        load_reward_fn("my_rewards:missing")
+    with pytest.raises(SystemExit, match="not a built-in"):
+        load_reward_fn("nonsense")
+
+
+def _grpo(tmp_path, name, *extra):
+    run_script(
+        "grpo.py",
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--group-size",
+        "4",
+        "--eval-prompts",
+        "",
+        "--kl-every",
+        "1",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        name,
+        *extra,
+    )
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+
+
+def test_cli_end_to_end_and_micro_batch_invariance(tmp_path):
+    a = _grpo(tmp_path, "mb16", "--micro-batch-size", "16", "--num-iterations", "2")
+    b = _grpo(tmp_path, "mb4", "--micro-batch-size", "4", "--num-iterations", "2")
+    for key in (
+        "rollout/reward_mean",
+        "rollout/reward_std",
+        "rollout/completion_len",
+        "rollout/truncated_frac",
+        "rollout/zero_std_frac",
+        "train/loss",
+        "train/kl",
+        "train/clip_frac_low",
+        "train/clip_frac_high",
+        "train/entropy",
+        "train/grad_norm",
+        "perf/gen_tokens_per_s",
+        "perf/train_tokens_per_s",
+    ):
+        assert key in a[-1], key
+    assert [r["rollout/reward_mean"] for r in a[1:]] == [r["rollout/reward_mean"] for r in b[1:]]  # same rollouts
+    for ra, rb in zip(a[1:], b[1:]):
+        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-4, abs=1e-6)
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "mb16" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "mb4" / "final").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
