@@ -236,11 +236,10 @@ def main(args: Args) -> None:
     )
     device = next(policy.parameters()).device
     # Reference: on the accelerator when it is in the loss (beta > 0); otherwise a CPU copy for the KL probe.
-    initial = args.model
     ref_device = device if args.beta != 0 else torch.device("cpu")
     ref = None
-    if args.beta != 0 or args.kl_every:
-        ref = load_model(initial, dtype="float32" if ref_device.type == "cpu" else args.dtype, device=ref_device)
+    if args.beta != 0 or args.kl_every:  # args.model is the initial policy, also when resuming
+        ref = load_model(args.model, dtype="float32" if ref_device.type == "cpu" else args.dtype, device=ref_device)
         ref.eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
@@ -297,7 +296,7 @@ def main(args: Args) -> None:
             rewards = torch.tensor(rewards).view(-1, args.group_size)  # (B, G)
             for g in range(len(batch)):
                 n_groups_seen += 1
-                zero_std = bool(rewards[g].std() == 0) if args.group_size > 1 else True
+                zero_std = bool(rewards[g].std() == 0)  # no signal: every advantage in the group is 0
                 n_zero_std += zero_std
                 if args.dynamic_sampling and zero_std:
                     continue

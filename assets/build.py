@@ -1,6 +1,7 @@
 """Rebuild the tiny world in assets/ from a seed, with the project's own scripts.
 
-    python assets/build.py            # ~6 minutes on 2 CPU cores (see README: "The tiny world")
+    python assets/build.py              # ~9 minutes on 2 CPU cores (see README: "The tiny world")
+    python assets/build.py --data-only  # assets/data/ alone, in seconds
 
 Writes
   assets/tiny-base/            a Llama-architecture chat model (~1.3M parameters, character-level tokenizer with a
