@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from common import die
 
@@ -183,7 +184,7 @@ def load_sft_dataset(path, tokenizer, max_length: int, log=print) -> list[dict]:
     examples left with no loss token are dropped (counted and reported). Returns [{input_ids, labels}] as lists."""
     records = read_jsonl(path)
     examples, truncated, dropped = [], 0, 0
-    for r in records:
+    for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 20_000, leave=False):
         ids, labels = tokenize_sft_record(tokenizer, r, path)
         if len(ids) > max_length:
             truncated += 1
