@@ -202,3 +202,26 @@ def test_masked_statistics_match_plain_definitions():
     torch.testing.assert_close(w[mask.bool()], (kept - kept.mean()) / kept.std())
     w2 = masked_whiten(x, mask, shift_mean=False, eps=0.0)
     torch.testing.assert_close(w2[mask.bool()], (kept - kept.mean()) / kept.std() + kept.mean())
+
+
+def test_bf16_path_matches_fp32_reference_loosely():
+    """The mixed-precision branch (bf16 weights, fp32 accumulation) that CUDA runs use, exercised on CPU."""
+    g = torch.Generator().manual_seed(1)
+    hidden32 = torch.randn(40, 32, generator=g)
+    weight32 = torch.randn(300, 32, generator=g) * 0.2
+    targets = torch.randint(0, 300, (40,), generator=g)
+    hidden = hidden32.bfloat16().requires_grad_()
+    weight = weight32.bfloat16().requires_grad_()
+    logps = chunked_logprobs(hidden, weight, targets, temperature=0.8, chunk_size=16, vocab_chunk_size=100)
+    assert logps.dtype == torch.float32
+    ref, _ = naive_logprobs(
+        hidden.float().detach().requires_grad_(), weight.float().detach().requires_grad_(), targets, temperature=0.8
+    )
+    torch.testing.assert_close(logps, ref.detach(), rtol=2e-2, atol=2e-2)
+    logps.sum().backward()
+    h_ref = hidden.float().detach().requires_grad_()
+    w_ref = weight.float().detach().requires_grad_()
+    naive_logprobs(h_ref, w_ref, targets, temperature=0.8)[0].sum().backward()
+    assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(hidden.grad.float(), h_ref.grad, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(weight.grad.float(), w_ref.grad, rtol=3e-2, atol=3e-2)

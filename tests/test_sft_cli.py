@@ -1,6 +1,7 @@
 """sft.py through its command line, as a user runs it: end to end, resume, bad input, and the learning test."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -248,3 +249,14 @@ def test_track_logs_to_wandb_offline(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     offline_runs = list((tmp_path / "tracked" / "wandb").glob("offline-run-*"))
     assert offline_runs and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_bf16_run_trains_and_saves_bf16(tmp_path):
+    """The dtype GPUs use by default (--dtype auto on CUDA), exercised on CPU."""
+    run_script(
+        "sft.py", "--dtype", "bfloat16", "--max-steps", "2", *FAST, "--output-dir", tmp_path, "--run-name", "bf16"
+    )
+    rows = read_metrics(tmp_path / "bf16")
+    assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final")
+    assert model.config.dtype in (torch.bfloat16, "bfloat16")
