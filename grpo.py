@@ -48,7 +48,7 @@ class Args:
     output_dir: str = "runs"
     """runs are written to {output_dir}/{run_name}/"""
     run_name: str | None = None
-    """the run's name (default: grpo__{seed}__{unix time})"""
+    """the run's name; if not given: grpo__{seed}__{unix time}"""
     track: bool = False
     """log to Weights & Biases (WANDB_MODE=offline works)"""
     wandb_project: str = "cleanpost"
