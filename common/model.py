@@ -7,7 +7,6 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -186,7 +185,3 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
-
-
-def write_json(path: Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
