@@ -179,6 +179,8 @@ def aggregation_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) 
 
 # PLUMBING
 
+SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")  # a rollout's (N, ...) tensors
+
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
     """log pi(completion tokens) at `temperature`: (B, L) [, entropy (B, L)]."""
@@ -196,10 +198,7 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device):
     model_device = next(model.parameters()).device
     chunks = []
     for s in range(0, rollout["completion_ids"].shape[0], micro_batch_size):
-        part = [
-            rollout[k][s : s + micro_batch_size].to(model_device)
-            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-        ]
+        part = [rollout[k][s : s + micro_batch_size].to(model_device) for k in SEQUENCE_KEYS]
         chunks.append(completion_logprobs(model, *part, temperature).to(device))
     return torch.cat(chunks)
 
@@ -302,17 +301,10 @@ def main(args: Args) -> None:
                     continue
                 if len(groups) < args.prompts_per_step:
                     rows = slice(g * args.group_size, (g + 1) * args.group_size)
-                    groups.append(
-                        {
-                            k: out[k][rows]
-                            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "truncated")
-                        }
-                        | {
-                            "rewards": rewards[g],
-                            "texts": out["texts"][rows],
-                            "per_fn": {k: v[rows] for k, v in per_fn.items()},
-                        }
-                    )
+                    group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated")}
+                    group["rewards"] = rewards[g]
+                    group["per_fn"] = {k: v[rows] for k, v in per_fn.items()}
+                    groups.append(group)
             if len(groups) == args.prompts_per_step:
                 break
         gen_s = time.time() - t0
@@ -353,10 +345,7 @@ def main(args: Args) -> None:
                     mb_mask = loss_mask[mb].to(device)
                     logps, entropy = completion_logprobs(
                         policy,
-                        *(
-                            rollout[k][mb].to(device)
-                            for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
-                        ),
+                        *(rollout[k][mb].to(device) for k in SEQUENCE_KEYS),
                         args.temperature,
                         return_entropy=True,
                     )  # (m, L)
@@ -371,9 +360,7 @@ def main(args: Args) -> None:
                     clip_low += float((low * mb_mask).sum())
                     clip_high += float((high * mb_mask).sum())
                     ent += float((entropy * mb_mask).sum())
-                    train_tokens += int(
-                        torch.cat([rollout["prompt_mask"][mb], rollout["completion_mask"][mb]], 1).sum()
-                    )
+                    train_tokens += int(rollout["prompt_mask"][mb].sum() + rollout["completion_mask"][mb].sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     tracker.close()

@@ -163,10 +163,15 @@ def main(args: Args) -> None:
         return
 
     # tiny-base's arithmetic is mostly addition without carrying, so it is weak on the held-out (uniform) problems,
-    # about a quarter of which need no carry; a few carrying examples give sampling something to find.
+    # about 30% of which need no carry; a few carrying examples give sampling something to find.
     n_carry = round(args.pretrain_carry_frac * args.pretrain_target)
-    pretrain = make_samples(TARGET_SKILL, args.pretrain_target - n_carry, seed=args.seed + 2, exclude=held_out,
-                            accept=lambda t: not needs_carry(t))
+    pretrain = make_samples(
+        TARGET_SKILL,
+        args.pretrain_target - n_carry,
+        seed=args.seed + 2,
+        exclude=held_out,
+        accept=lambda t: not needs_carry(t),
+    )
     pretrain += make_samples(TARGET_SKILL, n_carry, seed=args.seed + 3, exclude=held_out, accept=needs_carry)
     for skill in GENERAL_SKILLS:
         pretrain += make_samples(skill, args.pretrain_per_general_skill, seed=args.seed + 2, exclude=held_out)

@@ -93,7 +93,7 @@ def generate(
     completion_ids = torch.cat([right_pad(r[2], L, pad_id) for r in rows])
     mask, truncated = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
-    decoded = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, pad_id), skip_special_tokens=True)
+    decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
     return {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,

@@ -63,8 +63,7 @@ class ChunkedLogprobs(torch.autograd.Function):
                 z, _ = _head_logits(h, weight[v0 : v0 + cols], _slice(bias, v0, v0 + cols), softcap, temperature)
                 new_m = torch.maximum(m, z.max(-1).values)
                 rescale = torch.exp(m - new_m)
-                z_minus_m = z - new_m[:, None]
-                e = z_minus_m.exp_()  # in place: e = exp(z - m), the only other tile-sized buffer
+                e = (z - new_m[:, None]).exp_()  # exp(z - m), in place: the only other tile-sized buffer
                 sumexp = sumexp * rescale + e.sum(-1)
                 if with_entropy:
                     sum_pz = sum_pz * rescale + torch.bmm(e[:, None, :], z[:, :, None]).view(-1)

@@ -7,7 +7,6 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -48,9 +47,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _check_source(name_or_path: str, what: str) -> None:
     """A path that looks local but does not exist gets a clear message instead of a hub lookup."""
-    looks_local = (
-        name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep + os.sep in name_or_path
-    )
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         die(f"{what} {name_or_path!r}: no such directory")
 
