@@ -2,6 +2,7 @@
 
 Record shapes (one JSON object a line):
   SFT:      {"messages": [{"role", "content"}, ...]} | {"prompt", "completion"} | {"text"}
+  preferences: {"prompt", "chosen", "rejected"}   (DPO, reward model; strings or message lists)
   prompts:  {"prompt", "answer", ...}   (RL and evaluation; `answer` goes to the verifier / reward function)
 Errors name the file, the line and the field, and stop the run before any compute (`common.die`).
 """
@@ -141,12 +142,14 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
     return spans
 
 
-def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a conversation; labels are IGNORE_INDEX everywhere but the assistant's tokens
-    (every assistant turn, its end-of-turn token included). Works with any chat template, with or without
-    `{% generation %}` markers: the spans come from the rendered text and map to tokens by character offsets."""
+    (every assistant turn from message `train_from` on, its end-of-turn token included). Works with any chat
+    template, with or without `{% generation %}` markers: the spans come from the rendered text and map to tokens by
+    character offsets."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     spans = _assistant_spans(tokenizer, messages, text)
+    spans = spans[sum(m["role"] == "assistant" for m in messages[:train_from]) :]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [IGNORE_INDEX] * len(enc["input_ids"])
     for k, (tok, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
@@ -202,6 +205,71 @@ def load_sft_dataset(path, tokenizer, max_length: int, log=print) -> list[dict]:
     return examples
 
 
+def _as_turns(value, role: str, path, record, field: str) -> list[dict]:
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    _check_messages(value, path, record, field)
+    return value
+
+
+def tokenize_pair_side(tokenizer, prompt: list[dict], response: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of prompt + response with labels on the response's assistant tokens only."""
+    if has_chat_template(tokenizer):
+        return tokenize_conversation(tokenizer, prompt + response, train_from=len(prompt))
+    if len(prompt) != 1 or len(response) != 1:
+        raise ValueError("message-list preferences need a tokenizer with a chat template; this one has none")
+    prompt_ids = tokenizer(prompt[0]["content"], add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response[0]["content"], add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = response_ids + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def load_preference_dataset(path, tokenizer, max_length: int, log=print) -> list[dict]:
+    """Read and tokenize {"prompt", "chosen", "rejected"} records (strings, or message lists: a prompt conversation
+    and assistant turns), with an optional numeric "margin". Loss tokens are the response's only. Pairs whose
+    chosen equals rejected carry no preference: dropped, counted and reported; so are pairs with a response
+    truncated away by `max_length` (longer ones are truncated, counted and reported).
+    Returns [{chosen_ids, chosen_labels, rejected_ids, rejected_labels, margin}]."""
+    records = read_jsonl(path)
+    require_fields(records, path, ("prompt", "chosen", "rejected"))
+    pairs, same, truncated, dropped = [], 0, 0, 0
+    for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 10_000, leave=False):
+        prompt = _as_turns(r["prompt"], "user", path, r, "prompt")
+        margin = r.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            die(f"{_where(path, r)}: field 'margin' must be a number, got {margin!r}")
+        pair = {"margin": float(margin)}
+        for side in ("chosen", "rejected"):
+            response = _as_turns(r[side], "assistant", path, r, side)
+            if not any(m["role"] == "assistant" for m in response):
+                die(f"{_where(path, r)}: field '{side}' has no assistant message")
+            try:
+                ids, labels = tokenize_pair_side(tokenizer, prompt, response)
+            except ValueError as e:
+                die(f"{_where(path, r)}: {e}")
+            if len(ids) > max_length:
+                truncated += 1
+                ids, labels = ids[:max_length], labels[:max_length]
+            pair[f"{side}_ids"], pair[f"{side}_labels"] = ids, labels
+        if pair["chosen_ids"] == pair["rejected_ids"]:
+            same += 1
+            continue
+        if not all(any(x != IGNORE_INDEX for x in pair[f"{s}_labels"][1:]) for s in ("chosen", "rejected")):
+            dropped += 1
+            continue
+        pairs.append(pair)
+    if same:
+        log(f"warning: {path}: dropped {same} of {len(records)} pairs whose chosen and rejected are identical")
+    if truncated:
+        log(f"{path}: truncated {truncated} responses of {len(records)} pairs to --max-length {max_length}")
+    if dropped:
+        log(f"{path}: dropped {dropped} of {len(records)} pairs with a response truncated away")
+    if not pairs:
+        die(f"{path}: no usable preference pairs (of {len(records)})")
+    return pairs
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Batching. An optimizer step takes `batch_size` examples chosen by (seed, step) alone; it is then cut into
 # micro-batches of `micro_batch_size`, length-sorted to waste little padding. So runs that differ only in
@@ -246,6 +314,26 @@ def micro_batches(examples: list[dict], indices: list[int], micro_batch_size: in
     """The step's examples, longest first, cut into collated micro-batches."""
     chosen = sorted((examples[i] for i in indices), key=lambda e: -len(e["input_ids"]))
     return [collate(chosen[s : s + micro_batch_size], pad_token_id) for s in range(0, len(chosen), micro_batch_size)]
+
+
+def pair_micro_batches(pairs: list[dict], indices: list[int], micro_batch_size: int, pad_token_id: int) -> list[dict]:
+    """The step's preference pairs, longest first, cut into micro-batches of `micro_batch_size` pairs; each collates
+    chosen then rejected into one (2b, T) batch (rows :b chosen, b: rejected) for a single forward, and carries
+    `margin` (b,) and the pairs' dataset `index` (b,)."""
+    order = sorted(indices, key=lambda i: -max(len(pairs[i]["chosen_ids"]), len(pairs[i]["rejected_ids"])))
+    out = []
+    for s in range(0, len(order), micro_batch_size):
+        chunk = [pairs[i] for i in order[s : s + micro_batch_size]]
+        sides = [
+            {"input_ids": p[f"{side}_ids"], "labels": p[f"{side}_labels"]}
+            for side in ("chosen", "rejected")
+            for p in chunk
+        ]
+        batch = collate(sides, pad_token_id)
+        batch["margin"] = torch.tensor([p["margin"] for p in chunk])
+        batch["index"] = torch.tensor(order[s : s + micro_batch_size])
+        out.append(batch)
+    return out
 
 
 def count_loss_tokens(batches: list[dict]) -> int:

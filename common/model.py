@@ -128,13 +128,17 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None
+    run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None, save_fn=None
 ) -> Path:
-    """Write `checkpoints/step_{step}` atomically: the model in HF format plus optimizer, scheduler and RNG state."""
+    """Write `checkpoints/step_{step}` atomically: the model in HF format (or whatever `save_fn(dir)` writes, e.g.
+    only LoRA adapters) plus optimizer, scheduler and RNG state."""
     ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    if save_fn is not None:
+        save_fn(tmp)
+    else:
+        save_model(model, tokenizer, tmp)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
@@ -182,3 +186,19 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar scores of a one-label `AutoModelForSequenceClassification` (reward or value model), read at each row's
+    last attended token whatever the padding side: (B, T) -> (B,) fp32.
+
+    Uses the attention mask, not `config.pad_token_id` (transformers' own pooling), so a pad token that equals the
+    EOS token inside a sequence cannot move the read-out position. Naive equivalent with right padding:
+        model(input_ids, attention_mask=attention_mask).logits[arange(B), attention_mask.sum(-1) - 1, 0]"""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, T, H)
+    last = attention_mask.shape[1] - 1 - attention_mask.long().flip(-1).argmax(-1)  # (B,) index of the last 1
+    head = model.score if hasattr(model, "score") else model.classifier
+    return head(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1).float()

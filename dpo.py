@@ -1,0 +1,368 @@
+"""DPO: direct preference optimization (Rafailov et al. 2023, arXiv 2305.18290), with IPO and conservative DPO.
+
+For a prompt x with a preferred response y_w and a dispreferred y_l, and h = the log-ratio margin
+
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+    sigmoid (DPO):   loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)      (eps = --label-smoothing)
+    ipo (IPO):       loss = (h - 1 / (2 beta))^2           with log-probs averaged over the response's tokens
+    + rpo_alpha * NLL(y_w)  (--rpo-alpha; RPO, arXiv 2404.19733: keeps the chosen answers likely)
+
+pi_ref is a frozen copy of the starting policy, or (--precompute-ref) its log-probs computed once before training,
+after which the reference model is freed. The implicit rewards beta * (log pi - log pi_ref) of chosen and rejected
+are the metrics to watch: the margin should grow, and the chosen reward should not collapse.
+
+    python dpo.py                                                       # the tiny world, a few minutes on a CPU
+    python dpo.py --model runs/<sft run>/final --dataset prefs.jsonl --eval-dataset prefs_test.jsonl \\
+        --eval-prompts '' --batch-size 64 --micro-batch-size 4 --learning-rate 5e-7 --precompute-ref
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+from common import die
+from common.data import (
+    IGNORE_INDEX,
+    check_batch_sizes,
+    load_preference_dataset,
+    pair_micro_batches,
+    read_jsonl,
+    require_fields,
+    step_indices,
+)
+from common.logprobs import token_logprobs
+from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the data order and of torch"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name; if not given: dpo__{seed}__{unix time}"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # model
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the policy to train; also the reference"""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    # data
+    dataset: str = "assets/data/prefs.jsonl"
+    """training pairs: JSONL of {prompt, chosen, rejected} (strings or message lists)"""
+    eval_dataset: str = "assets/data/prefs_eval.jsonl"
+    """held-out pairs for the eval/ preference metrics ('' to skip)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    max_length: int = 256
+    """prompt + response are truncated to this many tokens (counted and reported)"""
+    # DPO
+    beta: float = 0.1
+    """strength of the implicit KL to the reference (DPO's beta; IPO's tau)"""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid: DPO; ipo: IPO's squared loss on length-averaged log-ratios"""
+    label_smoothing: float = 0.0
+    """conservative DPO: the probability that a label is flipped (sigmoid only)"""
+    rpo_alpha: float | None = None
+    """if set, add rpo_alpha * the chosen responses' token-mean NLL (RPO)"""
+    precompute_ref: bool = False
+    """compute the reference log-probs once before training, then free the reference model"""
+    # optimization
+    max_steps: int = 60
+    """optimizer steps"""
+    batch_size: int = 32
+    """preference pairs per optimizer step"""
+    micro_batch_size: int = 32
+    """pairs per forward/backward (2x rows: chosen and rejected in one forward)"""
+    learning_rate: float = 3e-5
+    """peak learning rate of AdamW"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (matrices only)"""
+    warmup_steps: int = 10
+    """linear warmup from 0 to the peak learning rate, then linear decay to 0"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (train/grad_norm is logged before clipping)"""
+    # evaluation and checkpoints
+    eval_every: int = 20
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_max_new_tokens: int = 16
+    """generation budget of the accuracy evaluation"""
+    save_every: int = 0
+    """write checkpoints/step_N every N steps for --resume (0: only final/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO/IPO losses and the implicit rewards. All inputs (B,) sequence log-probs (for ipo: averaged over
+    the response's tokens). Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards detached."""
+    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
+    rejected_logratios = rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def sequence_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sums (or means, `average`) of the response tokens' log-probs for a (2b, T) pair batch.
+    Returns (sequence logps (2b,), per-token logps (2b, T-1), loss mask (2b, T-1))."""
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (2b, T-1)
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    seq = (logps * mask).sum(-1)
+    return (seq / mask.sum(-1) if average else seq), logps, mask
+
+
+@torch.no_grad()
+def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> torch.Tensor:
+    """(N, 2) reference log-probs [chosen, rejected] of every pair, computed once (--precompute-ref)."""
+    out = torch.zeros(len(pairs), 2)
+    for mb in pair_micro_batches(pairs, list(range(len(pairs))), micro_batch_size, pad_id):
+        seq = sequence_logps(ref, {k: v.to(device) for k, v in mb.items()}, average)[0].float().cpu()
+        out[mb["index"]] = seq.view(2, -1).T
+    return out
+
+
+def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta) -> dict:
+    """Means over the pairs of a step (or of the held-out set). kl_to_init: Schulman's k2 = (log pi/pi_ref)^2 / 2
+    on the pairs' responses, a non-negative drift measure (a KL estimate only where responses are on-policy)."""
+    logratios = torch.cat([chosen_rewards, rejected_rewards]) / beta
+    return {
+        f"{prefix}/loss": losses.mean().item(),
+        f"{prefix}/rewards_chosen": chosen_rewards.mean().item(),
+        f"{prefix}/rewards_rejected": rejected_rewards.mean().item(),
+        f"{prefix}/rewards_margin": (chosen_rewards - rejected_rewards).mean().item(),
+        f"{prefix}/rewards_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
+        f"{prefix}/logps_chosen": chosen_logps.mean().item(),
+        f"{prefix}/logps_rejected": rejected_logps.mean().item(),
+        f"{prefix}/kl_to_init": (0.5 * logratios**2).mean().item(),
+    }
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    if args.beta <= 0:
+        die(f"--beta must be positive, got {args.beta}")
+    if not 0 <= args.label_smoothing < 0.5:
+        die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    if args.label_smoothing and args.loss_type != "sigmoid":
+        die("--label-smoothing applies to --loss-type sigmoid only")
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = (
+        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("dpo", args.seed))
+    )
+    torch.manual_seed(args.seed)
+    average = args.loss_type == "ipo"
+
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    train_pairs = load_preference_dataset(args.dataset, tokenizer, args.max_length)
+    eval_pairs = load_preference_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    pad_id = tokenizer.pad_token_id
+    model = load_model(
+        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
+    device = next(model.parameters()).device
+    # Reference: always the starting model (--model), also when resuming.
+    ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    ref_train = ref_eval = None
+    note = "live reference model"
+    if args.precompute_ref:
+        ref_train = reference_logps(ref, train_pairs, args.micro_batch_size, pad_id, average, device)
+        ref_eval = (
+            reference_logps(ref, eval_pairs, args.micro_batch_size, pad_id, average, device) if eval_pairs else None
+        )
+        freed = sum(t.numel() * t.element_size() for t in [*ref.parameters(), *ref.buffers()])
+        del ref
+        ref = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        note = f"reference log-probs precomputed; reference model freed ({freed / 2**20:.1f} MB of weights)"
+    model.train()
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (
+            (s + 1) / (args.warmup_steps + 1)
+            if s < args.warmup_steps
+            else max(0.0, 1 - (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+        ),
+    )
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
+    if not ckpt:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="dpo", total_steps=args.max_steps, start_step=start_step)
+    tracker.write(
+        f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}  |  {note}"
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
+    )
+
+    def ref_pair_logps(mb, table) -> torch.Tensor:
+        """(2b,) reference log-probs of a micro-batch: from the precomputed table or a no-grad forward."""
+        if table is not None:
+            return table[mb["index"]].T.reshape(-1).to(device)
+        with torch.no_grad():
+            return sequence_logps(ref, mb, average)[0]
+
+    @torch.no_grad()
+    def evaluation() -> dict:
+        metrics = {}
+        if eval_pairs:
+            model.eval()
+            parts = []
+            for mb in pair_micro_batches(eval_pairs, list(range(len(eval_pairs))), args.micro_batch_size, pad_id):
+                mb = {k: v.to(device) for k, v in mb.items()}
+                logps = sequence_logps(model, mb, average)[0].float()
+                ref_logps = ref_pair_logps(mb, ref_eval).float()
+                b = len(mb["index"])
+                out = dpo_loss(
+                    logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type, args.label_smoothing
+                )
+                parts.append((*out, logps[:b], logps[b:]))
+            cat = [torch.cat(p) for p in zip(*parts)]
+            metrics.update(pair_metrics("eval", *cat, args.beta))
+            model.train()
+        if eval_records:
+            metrics.update(
+                evaluate(
+                    model,
+                    tokenizer,
+                    eval_records,
+                    target_skill=args.target_skill,
+                    max_new_tokens=args.eval_max_new_tokens,
+                )
+            )
+        return metrics
+
+    if start_step == 0:  # every run shows its starting point
+        start = evaluation()
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    for step in range(start_step, args.max_steps):
+        t0 = time.time()
+        # ALGO LOGIC: the step's pairs depend only on (seed, batch_size, step); each micro-batch's summed loss is
+        # divided by the step's pair count (and the RPO term by the step's chosen-token count), so the accumulated
+        # gradient is the full batch's.
+        batches = pair_micro_batches(
+            train_pairs,
+            step_indices(len(train_pairs), args.batch_size, step, args.seed),
+            args.micro_batch_size,
+            pad_id,
+        )
+        num_chosen_tokens = sum(int((mb["labels"][: len(mb["index"]), 1:] != IGNORE_INDEX).sum()) for mb in batches)
+        parts, num_tokens, nll_sum = [], 0, 0.0
+        for mb in batches:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            b = len(mb["index"])
+            logps, token_logps, mask = sequence_logps(model, mb, average)  # (2b,), (2b, T-1), (2b, T-1)
+            ref_logps = ref_pair_logps(mb, ref_train)
+            losses, chosen_rewards, rejected_rewards = dpo_loss(
+                logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type, args.label_smoothing
+            )
+            loss = losses.sum() / args.batch_size
+            if args.rpo_alpha is not None:
+                nll = -(token_logps[:b] * mask[:b]).sum()
+                loss = loss + args.rpo_alpha * nll / num_chosen_tokens
+                nll_sum += nll.item()
+            loss.backward()
+            parts.append(
+                (
+                    losses.detach().float(),
+                    chosen_rewards.float(),
+                    rejected_rewards.float(),
+                    logps[:b].detach().float(),
+                    logps[b:].detach().float(),
+                )
+            )
+            num_tokens += int(mb["attention_mask"].sum())
+        metrics = pair_metrics("train", *[torch.cat(p) for p in zip(*parts)], args.beta)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
+        if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
+            tracker.close()
+            die(
+                f"non-finite loss ({metrics['train/loss']}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                "no update applied, no checkpoint written (try a lower --learning-rate)"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.time() - t0
+
+        done = step + 1
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/epoch": done * args.batch_size / len(train_pairs),
+                "perf/tokens_per_s": num_tokens / step_s,
+                "perf/step_s": step_s,
+                "perf/peak_mem_gb": peak_memory_gb(device),
+            }
+        )
+        if args.rpo_alpha is not None:
+            metrics["train/nll_chosen"] = nll_sum / num_chosen_tokens
+        if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation())
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(run_dir, done, model, tokenizer, optimizer, scheduler)
+
+    final = save_model(model, tokenizer, run_dir / "final")
+    if args.save_every and args.max_steps % args.save_every == 0:
+        save_checkpoint(run_dir, args.max_steps, model, tokenizer, optimizer, scheduler)
+    tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
+    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
