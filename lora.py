@@ -1,0 +1,545 @@
+"""SFT with LoRA adapters (Hu et al. 2021, arXiv 2106.09685), optionally on a 4-bit NF4 or int8 base (QLoRA,
+Dettmers et al. 2023, arXiv 2305.14314). The adapter and quantization code lives in this file, to be changed.
+
+Every targeted linear layer W (frozen, optionally quantized) gets a trainable low-rank update:
+
+    y = W x + s * B A dropout(x),   A (r, in) kaiming-uniform, B (out, r) zeros,   s = alpha / r  (rsLoRA: alpha / sqrt r)
+    loss = the SFT loss: summed NLL of the assistant tokens / the step's assistant-token count
+
+so the model at step 0 is exactly the base model. Only A and B are in the optimizer. `final/` is a PEFT-compatible
+adapter directory (`peft.PeftModel.from_pretrained(base, "runs/<run>/final")`); `--merge` also writes `merged/`, a
+full Hugging Face model with W + s B A folded in.
+
+    python lora.py                                                      # the tiny world, a few minutes on a CPU
+    python lora.py --quantize nf4                                       # QLoRA: the frozen base in 4 bits
+    python lora.py --model Qwen/Qwen3-0.6B --dataset chat.jsonl --quantize nf4 --batch-size 32 \\
+        --micro-batch-size 4 --learning-rate 2e-4 --eval-prompts '' --merge
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from common import die
+from common.data import (
+    IGNORE_INDEX,
+    check_batch_sizes,
+    count_loss_tokens,
+    load_sft_dataset,
+    micro_batches,
+    read_jsonl,
+    require_fields,
+    step_indices,
+)
+from common.logprobs import token_logprobs
+from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the data order, the adapters' initialization and of torch"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name; if not given: lora__{seed}__{unix time}"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # model
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the base model (frozen)"""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16: the base's compute dtype"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    # LoRA
+    lora_r: int = 16
+    """adapter rank r"""
+    lora_alpha: float = 32.0
+    """adapter scale numerator: s = alpha / r (or alpha / sqrt(r) with --use-rslora)"""
+    lora_dropout: float = 0.0
+    """dropout on the adapter's input"""
+    use_rslora: bool = False
+    """rank-stabilized scaling alpha / sqrt(r) (Kalajdzievski 2023), better at high ranks"""
+    target_modules: str = "all-linear"
+    """comma-separated name suffixes of the linear layers to adapt (e.g. q_proj,v_proj), or all-linear: every linear
+    layer of the transformer blocks (attention and MLP; not the output head), as PEFT's all-linear"""
+    quantize: Literal["none", "nf4", "int8"] = "none"
+    """store the frozen targeted base weights as 4-bit NormalFloat or int8, blockwise absmax (block 64), dequantized
+    on the fly in forward"""
+    merge: bool = False
+    """also write merged/: the base with the adapters folded in, a plain Hugging Face model"""
+    # data
+    dataset: str = "assets/data/sft.jsonl"
+    """training data: JSONL of {messages} | {prompt, completion} | {text} records"""
+    eval_dataset: str = "assets/data/sft_eval.jsonl"
+    """held-out data of the same shapes for eval/loss ('' to skip)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    max_length: int = 256
+    """examples are truncated to this many tokens (counted and reported)"""
+    # optimization
+    max_steps: int = 400
+    """optimizer steps"""
+    batch_size: int = 64
+    """examples per optimizer step"""
+    micro_batch_size: int = 64
+    """examples per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    learning_rate: float = 3e-3
+    """peak learning rate of AdamW (LoRA wants ~10x the full fine-tuning rate: sft.py uses 5e-4 here)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the adapter matrices"""
+    lr_schedule: str = "cosine"
+    """cosine | linear | constant, after warmup"""
+    warmup_steps: int = 10
+    """linear warmup from 0 to the peak learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm to this (train/grad_norm is logged before clipping)"""
+    # evaluation and checkpoints
+    eval_every: int = 100
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_max_new_tokens: int = 16
+    """generation budget of the accuracy evaluation"""
+    save_every: int = 0
+    """write checkpoints/step_N (adapters + optimizer) every N steps for --resume (0: only final/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization of the frozen base: blockwise absmax, plain torch (CPU and CUDA). A block of 64 consecutive weights
+# shares one fp32 scale (its largest |w|); each weight stores the index of the nearest code.
+
+# NF4 (QLoRA, appendix E): the 16 quantiles of N(0, 1) that place 8 codes on the positive side and 7 on the negative,
+# with an exact 0, rescaled to [-1, 1]. (tests/test_lora.py rebuilds them from the normal quantile function.)
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
+BLOCK_SIZE = 64
+
+
+def quantize_blockwise(weight: torch.Tensor, kind: str, block_size: int = BLOCK_SIZE) -> dict:
+    """weight (any shape) -> {"codes": uint8 (nf4: two 4-bit codes a byte) or int8, "absmax": fp32 per block}."""
+    flat = weight.detach().float().flatten()
+    pad = (-flat.numel()) % block_size
+    blocks = F.pad(flat, (0, pad)).view(-1, block_size)  # (num_blocks, block)
+    absmax = blocks.abs().amax(-1).clamp_min(1e-12)  # (num_blocks,)
+    normed = blocks / absmax[:, None]  # in [-1, 1]
+    if kind == "nf4":
+        codebook = NF4_CODEBOOK.to(flat.device)
+        codes = (normed[..., None] - codebook).abs().argmin(-1).to(torch.uint8).flatten()  # nearest code, 0..15
+        packed = (codes[0::2] << 4) | codes[1::2]  # two codes a byte (block size is even)
+    elif kind == "int8":
+        packed = torch.round(normed * 127).to(torch.int8).flatten()
+    else:
+        raise ValueError(f"unknown quantization {kind!r}")
+    return {"codes": packed, "absmax": absmax}
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, kind: str, shape, dtype=torch.float32, block_size: int = BLOCK_SIZE
+) -> torch.Tensor:
+    """Inverse of `quantize_blockwise` up to the rounding: codebook value (or q / 127) times the block's absmax."""
+    if kind == "nf4":
+        idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).flatten().long()
+        normed = NF4_CODEBOOK.to(codes.device)[idx]
+    else:
+        normed = codes.float() / 127
+    values = (normed.view(-1, block_size) * absmax[:, None]).flatten()
+    return values[: math.prod(shape)].view(shape).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen linear layer whose weight is stored quantized (buffers, not parameters) and dequantized per forward."""
+
+    def __init__(self, linear: nn.Linear, kind: str):
+        super().__init__()
+        self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
+        self.weight_shape, self.compute_dtype = tuple(linear.weight.shape), linear.weight.dtype
+        q = quantize_blockwise(linear.weight, kind)
+        self.register_buffer("codes", q["codes"])
+        self.register_buffer("absmax", q["absmax"])
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    def dequantized_weight(self, dtype=None) -> torch.Tensor:
+        return dequantize_blockwise(self.codes, self.absmax, self.kind, self.weight_shape, dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
+
+
+class LoRALinear(nn.Module):
+    """base(x) + s * B A dropout(x). The base (nn.Linear or QuantizedLinear) is frozen; A and B are fp32 parameters
+    (the update is computed in fp32 and cast to the base's output dtype)."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        device = base.codes.device if isinstance(base, QuantizedLinear) else base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's (and PEFT's) default init
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def base_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if isinstance(self.base, QuantizedLinear):
+            return self.base.dequantized_weight(dtype)
+        return self.base.weight.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T  # (..., out)
+        return out + (self.scaling * update).to(out.dtype)
+
+
+def target_names(model: nn.Module, target_modules: str) -> list[str]:
+    """Qualified names of the linear layers to adapt: all-linear = every nn.Linear but the output head."""
+    head = model.get_output_embeddings()
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    if target_modules == "all-linear":
+        return [n for n, _ in linears]
+    suffixes = [s.strip() for s in target_modules.split(",") if s.strip()]
+    names = [n for n, _ in linears if any(n == s or n.endswith("." + s) for s in suffixes)]
+    missing = [s for s in suffixes if not any(n == s or n.endswith("." + s) for n in names)]
+    if missing or not names:
+        known = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})
+        die(
+            f"--target-modules: no linear layer named {', '.join(missing) or target_modules}; known: {', '.join(known)}"
+        )
+    return names
+
+
+def add_lora(model: nn.Module, names: list[str], args: Args) -> dict[str, LoRALinear]:
+    """Freeze the model, quantize the targeted layers if asked, and wrap each in a LoRALinear (in place)."""
+    model.requires_grad_(False)
+    wrapped = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        if args.quantize != "none":
+            base = QuantizedLinear(base, args.quantize)
+        wrapped[name] = LoRALinear(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.use_rslora)
+        setattr(parent, child, wrapped[name])
+    return wrapped
+
+
+def lora_update_ratio(wrapped: dict[str, LoRALinear], base_norms: dict[str, float]) -> float:
+    """Mean over layers of ||s B A||_F / ||W||_F, with ||B A||_F^2 = tr((B^T B)(A A^T)): two r x r products, never the
+    (out, in) matrix."""
+    ratios = []
+    for name, m in wrapped.items():
+        with torch.no_grad():
+            sq = torch.trace((m.lora_B.T @ m.lora_B) @ (m.lora_A @ m.lora_A.T)).clamp_min(0)
+        ratios.append(m.scaling * sq.sqrt().item() / base_norms[name])
+    return sum(ratios) / len(ratios)
+
+
+def adapter_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
+    """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r)."""
+    out = {}
+    for name, m in wrapped.items():
+        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, tokenizer=None) -> Path:
+    """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors (+ the tokenizer), written to
+    `out_dir.tmp` and renamed into place (as common.model.save_model)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": args.model,
+        "r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "use_rslora": args.use_rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in wrapped}),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(adapter_state_dict(wrapped), str(tmp / "adapter_model.safetensors"))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return tmp.rename(out_dir)
+
+
+def load_adapter(in_dir: Path, wrapped: dict[str, LoRALinear]) -> None:
+    state = load_file(str(Path(in_dir) / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for name, m in wrapped.items():
+            m.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
+            m.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module, wrapped: dict[str, LoRALinear]) -> nn.Module:
+    """Replace each LoRALinear by a plain nn.Linear holding W + s B A (W dequantized if quantized), in place."""
+    for name, m in wrapped.items():
+        weight = m.base_weight(torch.float32) + m.scaling * (m.lora_B @ m.lora_A)
+        dtype = m.base.compute_dtype if isinstance(m.base, QuantizedLinear) else m.base.weight.dtype
+        linear = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None)
+        linear = linear.to(device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if m.base.bias is not None:
+            linear.bias.copy_(m.base.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    return model
+
+
+def sft_loss(logps: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL of the loss tokens divided by the whole step's loss-token count (as in sft.py).
+    logps (B, T-1); labels (B, T), IGNORE_INDEX where no loss. Returns (loss for backward, summed NLL)."""
+    loss_mask = labels[:, 1:] != IGNORE_INDEX
+    nll_sum = -(logps * loss_mask).sum()
+    return nll_sum / num_loss_tokens, nll_sum.detach()
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine/linear decay to 0, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    if args.lr_schedule not in ("cosine", "linear", "constant"):
+        die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
+    if args.lora_r < 1:
+        die(f"--lora-r must be >= 1, got {args.lora_r}")
+    if not 0 <= args.lora_dropout < 1:
+        die(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = (
+        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("lora", args.seed))
+    )
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.model)
+    train_examples = load_sft_dataset(args.dataset, tokenizer, args.max_length)
+    eval_examples = load_sft_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    model = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    device = next(model.parameters()).device
+
+    # ALGO LOGIC: freeze the base, (quantize,) wrap the targeted linears
+    names = target_names(model, args.target_modules)
+    base_weights = [model.get_submodule(n).weight for n in names]
+    base_bytes = tensor_bytes(base_weights)
+    base_norms = {n: w.float().norm().item() for n, w in zip(names, base_weights)}
+    del base_weights
+    wrapped = add_lora(model, names, args)
+    if ckpt:
+        load_adapter(ckpt, wrapped)
+    if args.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    trainable = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
+    num_trainable = sum(p.numel() for p in trainable)
+    num_total = sum(p.numel() for p in model.parameters()) + sum(
+        math.prod(m.base.weight_shape) for m in wrapped.values() if isinstance(m.base, QuantizedLinear)
+    )
+    stored_bytes = tensor_bytes(
+        [
+            t
+            for m in wrapped.values()
+            for t in ((m.base.codes, m.base.absmax) if args.quantize != "none" else (m.base.weight,))
+        ]
+    )
+    model.train()
+
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
+    )
+    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
+    if not ckpt:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="lora", total_steps=args.max_steps, start_step=start_step)
+    tracker.write(
+        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step  |  "
+        f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} linear layers: {num_trainable:,} trainable of "
+        f"{num_total:,} parameters ({100 * num_trainable / num_total:.2f}%) on {device}"
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
+    )
+    tracker.write(
+        f"targeted base weights: {base_bytes / 2**20:.2f} MB"
+        + (
+            f" -> {stored_bytes / 2**20:.2f} MB as {args.quantize} ({base_bytes / stored_bytes:.1f}x smaller)"
+            if args.quantize != "none"
+            else " (not quantized)"
+        )
+    )
+
+    @torch.no_grad()
+    def evaluation() -> dict:
+        metrics = {}
+        model.eval()
+        if eval_examples:
+            nll, tokens = 0.0, 0
+            for mb in micro_batches(
+                eval_examples, list(range(len(eval_examples))), args.micro_batch_size, tokenizer.pad_token_id
+            ):
+                mb = {k: v.to(device) for k, v in mb.items()}
+                n = count_loss_tokens([mb])
+                nll += sft_loss(token_logprobs(model, mb["input_ids"], mb["attention_mask"]), mb["labels"], n)[1].item()
+                tokens += n
+            metrics["eval/loss"] = nll / max(1, tokens)
+        model.train()
+        if eval_records:
+            metrics.update(
+                evaluate(
+                    model,
+                    tokenizer,
+                    eval_records,
+                    target_skill=args.target_skill,
+                    max_new_tokens=args.eval_max_new_tokens,
+                )
+            )
+        return metrics
+
+    if start_step == 0:  # every run shows its starting point (the base model: B = 0)
+        start = evaluation()
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    for step in range(start_step, args.max_steps):
+        t0 = time.time()
+        # ALGO LOGIC: exactly sft.py's step; only the adapters receive gradients
+        batches = micro_batches(
+            train_examples,
+            step_indices(len(train_examples), args.batch_size, step, args.seed),
+            args.micro_batch_size,
+            tokenizer.pad_token_id,
+        )
+        num_loss_tokens = count_loss_tokens(batches)
+        nll_sum, num_tokens = 0.0, 0
+        for mb in batches:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
+            loss, nll = sft_loss(logps, mb["labels"], num_loss_tokens)
+            loss.backward()
+            nll_sum += nll.item()
+            num_tokens += int(mb["attention_mask"].sum())
+        train_loss = nll_sum / num_loss_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
+        # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            tracker.close()
+            die(
+                f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                "no update applied, no checkpoint written (try a lower --learning-rate)"
+            )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_s = time.time() - t0
+
+        done = step + 1
+        metrics = {
+            "train/loss": train_loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/lora_update_ratio": lora_update_ratio(wrapped, base_norms),
+            "train/epoch": done * args.batch_size / len(train_examples),
+            "perf/tokens_per_s": num_tokens / step_s,
+            "perf/step_s": step_s,
+            "perf/peak_mem_gb": peak_memory_gb(device),
+        }
+        if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation())
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(
+                run_dir, done, model, tokenizer, optimizer, scheduler, save_fn=lambda d: save_adapter(d, wrapped, args)
+            )
+
+    final = save_adapter(run_dir / "final", wrapped, args, tokenizer)
+    if args.save_every and args.max_steps % args.save_every == 0:
+        save_checkpoint(
+            run_dir,
+            args.max_steps,
+            model,
+            tokenizer,
+            optimizer,
+            scheduler,
+            save_fn=lambda d: save_adapter(d, wrapped, args),
+        )
+    if args.merge:
+        merged = save_model(merge_lora(model, wrapped), tokenizer, run_dir / "merged")
+        tracker.write(f"merged model: {merged}")
+    tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
+    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

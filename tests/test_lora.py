@@ -1,0 +1,178 @@
+import json
+
+import pytest
+import torch
+from conftest import ROOT, TINY_BASE, run_script
+from transformers import AutoModelForCausalLM
+
+from common.model import load_model
+from lora import (
+    BLOCK_SIZE,
+    NF4_CODEBOOK,
+    Args,
+    LoRALinear,
+    add_lora,
+    dequantize_blockwise,
+    load_adapter,
+    lora_update_ratio,
+    merge_lora,
+    quantize_blockwise,
+    save_adapter,
+    target_names,
+)
+
+
+def _model(path):
+    return load_model(str(path), dtype="float32", device="cpu").eval()
+
+
+def _ids():
+    return torch.tensor([[5, 17, 42, 9, 60, 33, 7], [8, 8, 21, 70, 3, 14, 2]])
+
+
+def _randomize_b(wrapped, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in wrapped.values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+
+
+def test_all_linear_targets_every_block_linear_but_not_the_head(random_model_dir):
+    model = _model(random_model_dir)
+    names = target_names(model, "all-linear")
+    suffixes = {n.rsplit(".", 1)[-1] for n in names}
+    assert suffixes == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert len(names) == 7 * model.config.num_hidden_layers and "lm_head" not in names
+    assert target_names(model, "q_proj, v_proj") == [n for n in names if n.endswith(("q_proj", "v_proj"))]
+
+
+def test_lora_at_initialization_equals_the_base_model(random_model_dir):
+    base, model = _model(random_model_dir), _model(random_model_dir)
+    add_lora(model, target_names(model, "all-linear"), Args())
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, base(_ids()).logits)
+
+
+def test_only_adapters_get_gradients_and_merge_matches(random_model_dir):
+    model = _model(random_model_dir)
+    wrapped = add_lora(model, target_names(model, "all-linear"), Args(lora_r=4, lora_alpha=8))
+    _randomize_b(wrapped)
+    model(_ids()).logits.logsumexp(-1).mean().backward()
+    adapters = {id(p) for m in wrapped.values() for p in (m.lora_A, m.lora_B)}
+    for name, p in model.named_parameters():
+        if id(p) in adapters:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        else:
+            assert p.grad is None and not p.requires_grad, name
+    with torch.no_grad():
+        adapted = model(_ids()).logits
+        merged = merge_lora(model, wrapped)(_ids()).logits
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.allclose(merged, adapted, atol=1e-5)
+
+
+def test_rslora_scaling_and_update_ratio_by_hand(random_model_dir):
+    model = _model(random_model_dir)
+    names = target_names(model, "q_proj")
+    norms = {n: model.get_submodule(n).weight.norm().item() for n in names}
+    wrapped = add_lora(model, names, Args(lora_r=4, lora_alpha=8, use_rslora=True))
+    assert all(m.scaling == pytest.approx(8 / 2) for m in wrapped.values())
+    assert lora_update_ratio(wrapped, norms) == 0.0
+    _randomize_b(wrapped)
+    expected = sum((m.scaling * m.lora_B @ m.lora_A).norm().item() / norms[n] for n, m in wrapped.items()) / len(
+        wrapped
+    )
+    assert lora_update_ratio(wrapped, norms) == pytest.approx(expected, rel=1e-4)
+
+
+def test_nf4_codebook_is_the_normal_quantile_construction():
+    # QLoRA appendix E / bitsandbytes' create_normal_map: quantiles of N(0, 1) from offset = 1 - (1/30 + 1/32) / 2 to
+    # 0.5, 8 on the positive side and 7 on the negative, plus an exact 0; normalized to [-1, 1]
+    normal = torch.distributions.Normal(0.0, 1.0)
+    offset = 1 - 0.5 * (1 / 30 + 1 / 32)
+    positive = normal.icdf(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1].float())
+    negative = -normal.icdf(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1].float())
+    values = torch.cat([positive, torch.zeros(1), negative]).sort().values
+    assert torch.allclose(values / values.abs().max(), NF4_CODEBOOK, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantization_error_bound_and_round_trip(kind):
+    torch.manual_seed(0)
+    w = torch.randn(37, 50) * 0.02  # 1850 weights: not a multiple of the block size
+    q = quantize_blockwise(w, kind)
+    assert q["codes"].numel() == 29 * 64 // (2 if kind == "nf4" else 1)  # padded to 29 blocks of 64
+    back = dequantize_blockwise(q["codes"], q["absmax"], kind, w.shape)
+    blocks_absmax = torch.nn.functional.pad(w.flatten(), (0, 29 * 64 - 1850)).view(-1, BLOCK_SIZE).abs().amax(-1)
+    per_weight_absmax = blocks_absmax.repeat_interleave(BLOCK_SIZE)[:1850].view(w.shape)
+    if kind == "nf4":  # nearest code: at most half the widest gap between neighbouring codes, times the block scale
+        bound = (NF4_CODEBOOK.diff().max() / 2) * per_weight_absmax
+    else:  # round to the nearest of 255 levels: half a step
+        bound = per_weight_absmax / 127 / 2
+    assert ((back - w).abs() <= bound + 1e-7).all()
+    assert (back - w).abs().max() > 0  # it is lossy
+    # values already on the grid survive exactly (each block holds its absmax): the codebook round-trips
+    levels = torch.randint(0, 16, (4, BLOCK_SIZE)) if kind == "nf4" else torch.randint(-127, 128, (4, BLOCK_SIZE))
+    levels[:, 0] = 15 if kind == "nf4" else 127
+    grid = (NF4_CODEBOOK[levels] if kind == "nf4" else levels.float() / 127).flatten() * 0.3
+    again = quantize_blockwise(grid, kind)
+    assert torch.allclose(dequantize_blockwise(again["codes"], again["absmax"], kind, grid.shape), grid, atol=1e-7)
+
+
+def test_peft_loads_the_saved_adapter_with_the_same_logits(random_model_dir, tmp_path):
+    import peft  # a test dependency: pip install -e '.[dev]'
+
+    model = _model(random_model_dir)
+    args = Args(model=str(random_model_dir), lora_r=4, lora_alpha=8)
+    wrapped = add_lora(model, target_names(model, "all-linear"), args)
+    _randomize_b(wrapped, seed=1)
+    save_adapter(tmp_path / "adapter", wrapped, args)
+    peft_model = peft.PeftModel.from_pretrained(_model(random_model_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(peft_model(_ids()).logits, model(_ids()).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_cli_end_to_end_with_merge(tmp_path, random_model_dir, quantize):
+    run_script(
+        ROOT / "lora.py",
+        "--model",
+        random_model_dir,
+        "--eval-prompts",
+        "",
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--quantize",
+        quantize,
+        "--merge",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        "run",
+    )
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[-1]["train/lora_update_ratio"] > 0 and "eval/loss" in rows[-1]
+    config = json.loads((run / "final" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 16
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    # the merged model = the base (dequantized, if quantized) + the saved adapters
+    model = _model(random_model_dir)
+    args = Args(quantize=quantize)
+    wrapped = add_lora(model, target_names(model, "all-linear"), args)
+    load_adapter(run / "final", wrapped)
+    with torch.no_grad():
+        assert torch.allclose(merged(_ids()).logits, model(_ids()).logits, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_default_lora_run_learns():
+    """`python lora.py` with no flags: held-out target accuracy +20 points over tiny-base."""
+    base = json.loads((TINY_BASE / "build_eval.json").read_text())["eval/accuracy"]
+    run_script(ROOT / "lora.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "lora_default_learns")
+    rows = [json.loads(line) for line in (ROOT / "runs/tests/lora_default_learns/metrics.jsonl").open()]
+    assert rows[-1]["eval/accuracy"] >= base + 0.20, (base, rows[-1]["eval/accuracy"])
