@@ -95,7 +95,7 @@ class Args:
     """completions per optimizer step (default: the whole rollout batch, prompts_per_step * group_size)"""
     micro_batch_size: int = 64
     """completions per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
-    learning_rate: float = 3e-4
+    learning_rate: float = 1e-4
     """AdamW learning rate (constant after warmup)"""
     warmup_steps: int = 5
     """linear warmup of the learning rate"""
@@ -331,12 +331,17 @@ def main(args: Args) -> None:
         # weights computed on the whole optimizer batch (so the gradient does not depend on --micro-batch-size).
         policy.train()
         t1 = time.time()
-        stats = {"loss": [], "clip_low": [], "clip_high": [], "entropy": [], "grad_norm": []}
-        train_tokens = 0
+        stats = {k: [] for k in ("loss", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}  # per update
+        train_tokens, skipped = 0, 0
         for it in range(args.num_iterations):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + it))
             for b0 in range(0, n, batch_size):  # with --dynamic-sampling n may fall short of a whole batch
                 rows = order[b0 : b0 + batch_size]
+                if args.beta == 0 and not advantages[rows].any():
+                    # no signal in this batch (every group zero-spread): the gradient is exactly 0, but AdamW's
+                    # momentum would still move the weights, so the update is skipped
+                    skipped += 1
+                    continue
                 w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens)  # (b, L)
                 loss_sum, clip_low, clip_high, ent = 0.0, 0.0, 0.0, 0.0
                 n_tok = max(1, int(loss_mask[rows].sum()))
@@ -371,8 +376,8 @@ def main(args: Args) -> None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats["loss"].append(loss_sum)
-                stats["clip_low"].append(clip_low / n_tok)
-                stats["clip_high"].append(clip_high / n_tok)
+                stats["clip_frac_low"].append(clip_low / n_tok)
+                stats["clip_frac_high"].append(clip_high / n_tok)
                 stats["entropy"].append(ent / n_tok)
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
@@ -396,11 +401,8 @@ def main(args: Args) -> None:
                 "rollout/completion_len_max": lengths.max().item(),
                 "rollout/truncated_frac": rollout["truncated"].float().mean().item(),
                 "rollout/zero_std_frac": n_zero_std / max(1, n_groups_seen),
-                "train/loss": sum(stats["loss"]) / len(stats["loss"]),
-                "train/clip_frac_low": sum(stats["clip_low"]) / len(stats["clip_low"]),
-                "train/clip_frac_high": sum(stats["clip_high"]) / len(stats["clip_high"]),
-                "train/entropy": sum(stats["entropy"]) / len(stats["entropy"]),
-                "train/grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
+                **{f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v},  # none if every update was skipped
+                "train/skipped_updates": skipped,
                 "train/lr": lr,
                 "perf/gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
                 "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
