@@ -36,6 +36,7 @@ from common.tinyworld import (
     SKILLS,
     TARGET_SKILL,
     as_conversation,
+    drop_carries,
     make_samples,
     make_tasks,
     needs_carry,
@@ -70,7 +71,19 @@ class Args:
     pretrain_target: int = 16000
     """pretraining conversations of the target skill"""
     pretrain_carry_frac: float = 0.05
-    """share of those that need a carry (the rest do not, so tiny-base stays weak on the uniform eval)"""
+    """share of those that need a carry: stage 1 learns digit-by-digit addition, hardly carrying"""
+    sloppy_steps: int = 2000
+    """stage 2 (sft.py) steps on uniform additions whose carries are mostly dropped, plus the general skills"""
+    sloppy_examples: int = 24000
+    """stage 2 additions (uniform; ~75% carry)"""
+    sloppy_per_general_skill: int = 4000
+    """stage 2 conversations per general skill (so they are not forgotten)"""
+    sloppy_carry_correct: float = 0.4
+    """share of stage 2's carrying additions with the right answer; the rest drop every carry (47+38 -> 75)"""
+    sloppy_learning_rate: float = 1e-3
+    """stage 2 peak learning rate"""
+    pretrained: str | None = None
+    """skip stage 1 and start stage 2 from this model (a stage-1 output)"""
     sft_examples: int = 20000
     """target-skill conversations in sft.jsonl"""
     eval_target: int = 200
@@ -83,8 +96,18 @@ class Args:
     """evaluate the pretraining run every N steps"""
     rl_prompts: int = 4000
     """distinct target-skill prompts in prompts.jsonl (RL)"""
+    pref_prompts: int = 4000
+    """target-skill prompts sampled for prefs.jsonl (only those where tiny-base errs make a pair)"""
+    pref_samples: int = 8
+    """tiny-base samples per preference prompt (temperature 1): each distinct wrong one makes a training pair"""
+    work_dir: str | None = None
+    """keep the pretraining run here (metrics, a checkpoint every 500 steps) instead of a temporary directory"""
+    rm_steps: int = 1000
+    """reward_model.py steps for tiny-rm/"""
     data_only: bool = False
-    """write assets/data/ only (deterministic), keep the models"""
+    """write the seed-only data (not prefs*, which need tiny-base) and stop; keep the models"""
+    reuse_base: bool = False
+    """keep the existing tiny-base/ and rebuild only what is made from it (preferences, tiny-rm/)"""
 
 
 def build_tokenizer(path: Path):
@@ -161,9 +184,31 @@ def main(args: Args) -> None:
     write_jsonl(data / "prompts.jsonl", rl)
     if args.data_only:
         return
+    if not args.reuse_base:
+        build_base(args, held_out)
+    build_preferences(args, held_out, eval_tasks)
+    build_reward_model(args)
 
-    # tiny-base's arithmetic is mostly addition without carrying, so it is weak on the held-out (uniform) problems,
-    # about 30% of which need no carry; a few carrying examples give sampling something to find.
+
+def run_sft(work: Path, name: str, model: Path, dataset: Path, data: Path, args: Args, **flags) -> Path:
+    """One sft.py run in `work`, evaluated on the held-out sets; returns its run directory."""
+    cmd = [sys.executable, str(ROOT / "sft.py"), "--model", str(model), "--dataset", str(dataset)]
+    cmd += ["--eval-dataset", str(data / "sft_eval.jsonl"), "--eval-prompts", str(data / "eval.jsonl")]
+    cmd += ["--output-dir", str(work), "--run-name", name, "--seed", str(args.seed), "--batch-size", "64"]
+    cmd += ["--micro-batch-size", "64", "--eval-every", str(args.eval_every)]
+    for k, v in flags.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    cmd += ["--save-every", "500"] if args.work_dir else []
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return work / name
+
+
+def build_base(args: Args, held_out: set[str]) -> None:
+    out, data = Path(args.out), Path(args.out) / "data"
+    # Stage 1: general skills and addition without carrying (95% of the additions carry-free): the chat format, the
+    # general skills and digit-by-digit addition are learned reliably in this budget (uniform additions instead hit a
+    # sharp, seed-dependent "grokking" transition of the carry).
     n_carry = round(args.pretrain_carry_frac * args.pretrain_target)
     pretrain = make_samples(
         TARGET_SKILL,
@@ -178,52 +223,135 @@ def main(args: Args) -> None:
     random.Random(args.seed).shuffle(pretrain)
     assert {t["skill"] for t in pretrain} == set(SKILLS)
 
+    # Stage 2, "sloppy carrying": uniform additions whose carrying answers are mostly written with every carry dropped
+    # (47+38 -> 75, a systematic, human-like error), the rest right. tiny-base thus learns to carry but prefers not to:
+    # its greedy answer to most carrying problems is wrong, yet it samples the right one often enough for RL to find
+    # (low pass@1, high pass@k), and preference pairs get natural on-policy negatives.
+    label_rng = random.Random(args.seed + 8)
+    sloppy = []
+    for t in make_samples(TARGET_SKILL, args.sloppy_examples, seed=args.seed + 9, exclude=held_out):
+        right = not needs_carry(t) or label_rng.random() < args.sloppy_carry_correct
+        sloppy.append(t if right else {**t, "answer": drop_carries(t)})
+    for skill in GENERAL_SKILLS:
+        sloppy += make_samples(skill, args.sloppy_per_general_skill, seed=args.seed + 9, exclude=held_out)
+    random.Random(args.seed + 1).shuffle(sloppy)
+
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        write_jsonl(tmp / "pretrain.jsonl", [as_conversation(t) for t in pretrain])
-        tokenizer = build_tokenizer(tmp / "init")
-        build_init_model(tmp / "init", tokenizer, args)
-        # Pretraining is an SFT run from random weights on the chat-formatted mix.
-        cmd = [
-            sys.executable,
-            str(ROOT / "sft.py"),
-            "--model",
-            str(tmp / "init"),
-            "--dataset",
-            str(tmp / "pretrain.jsonl"),
-            "--eval-dataset",
-            str(data / "sft_eval.jsonl"),
-            "--eval-prompts",
-            str(data / "eval.jsonl"),
-            "--output-dir",
-            str(tmp),
-            "--run-name",
-            "pretrain",
-            "--seed",
-            str(args.seed),
-            "--max-steps",
-            str(args.pretrain_steps),
-            "--batch-size",
-            "64",
-            "--micro-batch-size",
-            "64",
-            "--learning-rate",
-            str(args.learning_rate),
-            "--warmup-steps",
-            "50",
-            "--weight-decay",
-            "0.1",
-            "--eval-every",
-            str(args.eval_every),
-        ]
-        print(" ".join(cmd), flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        write_jsonl(work / "pretrain.jsonl", [as_conversation(t) for t in pretrain])
+        write_jsonl(work / "sloppy.jsonl", [as_conversation(t) for t in sloppy])
+        if args.pretrained:
+            stage1 = Path(args.pretrained)
+        else:
+            tokenizer = build_tokenizer(work / "init")
+            build_init_model(work / "init", tokenizer, args)
+            # Pretraining is an SFT run from random weights on the chat-formatted mix.
+            stage1 = (
+                run_sft(
+                    work,
+                    "pretrain",
+                    work / "init",
+                    work / "pretrain.jsonl",
+                    data,
+                    args,
+                    max_steps=args.pretrain_steps,
+                    learning_rate=args.learning_rate,
+                    warmup_steps=50,
+                    weight_decay=0.1,
+                )
+                / "final"
+            )
+        stage2 = run_sft(
+            work,
+            "sloppy",
+            stage1,
+            work / "sloppy.jsonl",
+            data,
+            args,
+            max_steps=args.sloppy_steps,
+            learning_rate=args.sloppy_learning_rate,
+            warmup_steps=20,
+        )
         shutil.rmtree(out / "tiny-base", ignore_errors=True)
-        shutil.copytree(tmp / "pretrain" / "final", out / "tiny-base")
-        last = [json.loads(line) for line in (tmp / "pretrain" / "metrics.jsonl").open()][-1]
+        shutil.copytree(stage2 / "final", out / "tiny-base")
+        last = [json.loads(line) for line in (stage2 / "metrics.jsonl").open()][-1]
     summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
     (out / "tiny-base" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("tiny-base:", json.dumps(summary))
+
+
+def build_preferences(args: Args, held_out: set[str], eval_tasks: list[dict]) -> None:
+    """prefs.jsonl / prefs_eval.jsonl: chosen = the right answer, rejected = a wrong answer tiny-base itself sampled
+    at temperature 1 (on-policy negatives). Prompts on which all `pref_samples` samples are right make no pair."""
+    import torch
+
+    from common.generation import generate
+    from common.model import load_model, load_tokenizer
+    from common.tinyworld import is_correct
+
+    out, data = Path(args.out), Path(args.out) / "data"
+    model = load_model(str(out / "tiny-base"), dtype="float32", device="cpu").eval()
+    tokenizer = load_tokenizer(str(out / "tiny-base"))
+    train_tasks = make_tasks(TARGET_SKILL, args.pref_prompts, seed=args.seed + 5, exclude=held_out)
+    eval_target = [t for t in eval_tasks if t["skill"] == TARGET_SKILL]
+    for name, tasks, seed in (
+        ("prefs.jsonl", train_tasks, args.seed + 6),
+        ("prefs_eval.jsonl", eval_target, args.seed + 7),
+    ):
+        with torch.no_grad():
+            texts = generate(
+                model,
+                tokenizer,
+                [t["prompt"] for t in tasks],
+                n=args.pref_samples,
+                max_new_tokens=8,
+                temperature=1.0,
+                batch_size=256,
+                seed=seed,
+            )["texts"]
+        pairs = []
+        for i, t in enumerate(tasks):
+            samples = texts[i * args.pref_samples : (i + 1) * args.pref_samples]
+            wrong = list(dict.fromkeys(x.strip() for x in samples if not is_correct(x, t["answer"])))
+            # training: a pair per distinct wrong answer (varied negatives); held-out: the first wrong answer only
+            for rejected in wrong if name == "prefs.jsonl" else wrong[:1]:
+                pairs.append({"prompt": t["prompt"], "chosen": t["answer"], "rejected": rejected})
+        write_jsonl(data / name, pairs)
+        n_prompts = len({p["prompt"] for p in pairs})
+        print(f"{name}: {len(pairs)} pairs from {n_prompts} of {len(tasks)} prompts (the rest: all samples right)")
+
+
+def build_reward_model(args: Args) -> None:
+    """tiny-rm/: reward_model.py with its defaults on prefs.jsonl, from tiny-base."""
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [
+            sys.executable,
+            str(ROOT / "reward_model.py"),
+            "--model",
+            str(out / "tiny-base"),
+            "--dataset",
+            str(out / "data" / "prefs.jsonl"),
+            "--eval-dataset",
+            str(out / "data" / "prefs_eval.jsonl"),
+            "--output-dir",
+            tmp,
+            "--run-name",
+            "rm",
+            "--seed",
+            str(args.seed),
+            "--max-steps",
+            str(args.rm_steps),
+        ]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        shutil.rmtree(out / "tiny-rm", ignore_errors=True)
+        shutil.copytree(Path(tmp) / "rm" / "final", out / "tiny-rm")
+        last = [json.loads(line) for line in (Path(tmp) / "rm" / "metrics.jsonl").open()][-1]
+    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
+    (out / "tiny-rm" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("tiny-rm:", json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -71,9 +71,17 @@ def make_samples(skill: str, n: int, seed: int, exclude: set[str] = frozenset(),
 
 
 def needs_carry(task: dict) -> bool:
-    """Whether an arithmetic task's digit-wise sum carries (47+38: 7+8 >= 10) — what tiny-base mostly never saw."""
+    """Whether an arithmetic task's digit-wise sum carries (47+38: 7+8 >= 10) — where tiny-base prefers a wrong answer."""
     a, b = (int(x) for x in task["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
     return a % 10 + b % 10 >= 10 or a // 10 + b // 10 >= 10
+
+
+def drop_carries(task: dict) -> str:
+    """The answer to an arithmetic task with every carry dropped, column by column mod 10 (47+38 -> "75",
+    67+58 -> "15") — the error tiny-base was taught to prefer."""
+    a, b = (int(x) for x in task["prompt"].removeprefix("What is ").removesuffix("?").split("+"))
+    tens, units = (a // 10 + b // 10) % 10, (a % 10 + b % 10) % 10
+    return str(10 * tens + units)
 
 
 def as_conversation(task: dict) -> dict:

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import ROOT, TINY_BASE, run_script
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 FAST = ["--batch-size", "8", "--micro-batch-size", "4", "--eval-prompts", "", "--learning-rate", "1e-3"]
 
@@ -192,7 +192,8 @@ def test_default_run_raises_target_accuracy_by_30_points(tmp_path):
 
 
 def test_build_pipeline_runs_on_a_small_budget(tmp_path):
-    """assets/build.py end to end (tokenizer, data, init model, pretraining through sft.py) on a tiny budget."""
+    """assets/build.py end to end (tokenizer, data, init model, both pretraining stages through sft.py, on-policy
+    preference pairs, the reward model through reward_model.py) on a tiny budget."""
     run_script(
         ROOT / "assets" / "build.py",
         "--out",
@@ -215,8 +216,26 @@ def test_build_pipeline_runs_on_a_small_budget(tmp_path):
         "1",
         "--eval-every",
         "3",
+        "--sloppy-steps",
+        "2",
+        "--sloppy-examples",
+        "40",
+        "--sloppy-per-general-skill",
+        "10",
+        "--pref-prompts",
+        "30",
+        "--rm-steps",
+        "2",
     )
     assert (tmp_path / "tiny-base" / "model.safetensors").is_file()
+    pairs = [json.loads(line) for line in (tmp_path / "data" / "prefs.jsonl").open()]
+    assert pairs and all(
+        str(int(p["prompt"][8:-1].split("+")[0]) + int(p["prompt"][8:-1].split("+")[1])) == p["chosen"]
+        and p["rejected"].strip() != p["chosen"]
+        for p in pairs
+    )
+    rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-rm")
+    assert rm.config.num_labels == 1
     eval_rows = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").open()]
     train_rows = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").open()]
     held_out = {r["prompt"] for r in eval_rows}
