@@ -33,7 +33,7 @@ import tyro
 from common import die
 from common.data import check_batch_sizes, read_jsonl, require_fields, step_indices
 from common.generation import generate
-from common.logprobs import masked_mean, token_logprobs
+from common.logprobs import completion_logprobs, masked_mean
 from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
 from common.rewards import compute_rewards, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
@@ -180,17 +180,6 @@ def aggregation_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) 
 # PLUMBING
 
 SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")  # a rollout's (N, ...) tensors
-
-
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
-    """log pi(completion tokens) at `temperature`: (B, L) [, entropy (B, L)]."""
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+L)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
-    out = token_logprobs(model, input_ids, attention_mask, temperature=temperature, **kw)  # (B, P+L-1)
-    P = prompt_ids.shape[1]
-    if isinstance(out, tuple):
-        return tuple(o[:, P - 1 :] for o in out)
-    return out[:, P - 1 :]
 
 
 @torch.no_grad()

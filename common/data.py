@@ -277,9 +277,12 @@ def load_preference_dataset(path, tokenizer, max_length: int, log=print) -> list
 
 
 def check_batch_sizes(batch_size: int, micro_batch_size: int) -> int:
-    """grad_accum_steps = batch_size / micro_batch_size, or one clear error naming the flags."""
+    """grad_accum_steps = batch_size / micro_batch_size, or one clear error naming the flags. A micro-batch size at
+    least the batch size means one forward/backward per step (the default 64 must not break a batch of 16)."""
     if batch_size < 1 or micro_batch_size < 1:
         die(f"--batch-size ({batch_size}) and --micro-batch-size ({micro_batch_size}) must be positive")
+    if micro_batch_size >= batch_size:
+        return 1
     if batch_size % micro_batch_size:
         die(f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size}")
     return batch_size // micro_batch_size

@@ -223,6 +223,20 @@ def token_logprobs(
     )
 
 
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
+    """log pi(completion tokens | prompt, earlier completion tokens) at `temperature`: (B, L) [, entropy (B, L)].
+
+    prompt_ids/prompt_mask (B, P) left-padded, completion_ids/completion_mask (B, L) right-padded, as
+    `common.generation.generate` returns them; one forward over the concatenation (B, P+L)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+L)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    out = token_logprobs(model, input_ids, attention_mask, temperature=temperature, **kw)  # (B, P+L-1)
+    P = prompt_ids.shape[1]
+    if isinstance(out, tuple):
+        return tuple(o[:, P - 1 :] for o in out)
+    return out[:, P - 1 :]
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """log_softmax(logits)[index] row by row, without a full (..., V) log-softmax tensor.
 

@@ -109,7 +109,7 @@ def test_step_data_depends_only_on_seed_and_batch_size(chat_tokenizer):
 
 
 def test_batch_size_must_divide():
-    assert check_batch_sizes(8, 2) == 4
+    assert check_batch_sizes(8, 2) == 4 and check_batch_sizes(16, 64) == 1  # a larger micro-batch: one piece
     with pytest.raises(SystemExit, match=r"--batch-size 8 is not divisible by --micro-batch-size 3"):
         check_batch_sizes(8, 3)
 

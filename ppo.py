@@ -1,0 +1,465 @@
+"""RLHF with PPO: policy, reference, reward model, value model and GAE (Ouyang et al. 2022; the implementation
+details follow Huang et al., "The N Implementation Details of RLHF with PPO", 2024).
+
+Each step samples completions y for prompts x from the policy, scores them with a frozen reward model (or with
+verifiable reward functions, --reward-fn) and builds per-token rewards over the completion tokens t = 1..T:
+
+    r_t = -kl_coef * (log pi(y_t|.) - log pi_ref(y_t|.))  +  [t = T] * score(x, y)       (k1 KL penalty)
+    delta_t = r_t + gamma V(s_{t+1}) - V(s_t),   A_t = delta_t + gamma lam A_{t+1},   R_t = A_t + V(s_t)   (GAE)
+    loss = mean_t max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps))                            (policy)
+         + vf_coef * mean_t 0.5 max((V_t - R_t)^2, (clip(V_t, V_old_t - eps_v, V_old_t + eps_v) - R_t)^2)  (value)
+
+with advantages whitened over the batch, rho the ratio to the rollout policy, and --ppo-epochs passes over
+--num-minibatches minibatches. The value model is an AutoModelForSequenceClassification initialized from the reward
+model (default) or from the policy with a fresh head; it reads a value at every completion position.
+
+    python ppo.py                                                     # the tiny world with assets/tiny-rm
+    python ppo.py --model runs/<sft run>/final --reward-model runs/<rm run>/final --dataset prompts.jsonl \\
+        --eval-prompts '' --prompts-per-step 64 --max-new-tokens 256 --micro-batch-size 8 --stop-token eos
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from transformers import AutoModelForSequenceClassification
+
+from common import die
+from common.data import IGNORE_INDEX, collate, read_jsonl, require_fields, step_indices, tokenize_pair_side
+from common.generation import generate
+from common.logprobs import completion_logprobs, masked_mean, masked_var, masked_whiten
+from common.model import last_token_scores, load_model, load_tokenizer, save_checkpoint, save_model
+from common.rewards import compute_rewards, load_reward_fn
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the prompt order and of sampling"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name; if not given: ppo__{seed}__{unix time}"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # models
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the policy to train (also the frozen reference)"""
+    reward_model: str = "assets/tiny-rm"
+    """the frozen reward model (reward_model.py's output); ignored when --reward-fn is given"""
+    value_init: Literal["auto", "reward_model", "policy"] = "auto"
+    """value model start: the reward model, or the policy with a fresh scalar head (auto: the reward model if used)"""
+    dtype: str = "auto"
+    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory (policy and value model)"""
+    # data and rewards
+    dataset: str = "assets/data/prompts.jsonl"
+    """training prompts: JSONL of {prompt[, answer]} records (prompt: string or message list)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy, verifier-measured accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    reward_fn: list[str] = field(default_factory=list)
+    """score with verifiable reward functions (tiny_world | math | format | module:function) instead of the reward
+    model; several are summed"""
+    reward_weights: list[float] | None = None
+    """one weight per --reward-fn (default: all 1)"""
+    # rollouts
+    prompts_per_step: int = 64
+    """prompts sampled per step"""
+    group_size: int = 1
+    """completions per prompt"""
+    max_new_tokens: int = 8
+    """completion budget; a completion without EOS by then is truncated"""
+    temperature: float = 1.0
+    """sampling temperature, applied to the training log-probs as well"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    stop_token: str | None = None
+    """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
+    missing_eos_penalty: float | None = None
+    """subtract this from the score of completions that never end (no EOS or stop token within the budget)"""
+    # PPO
+    max_steps: int = 100
+    """steps (rollout batches)"""
+    ppo_epochs: int = 4
+    """passes over each rollout batch"""
+    num_minibatches: int = 1
+    """optimizer steps per pass (the rollout batch is cut into this many minibatches)"""
+    micro_batch_size: int = 64
+    """completions per forward/backward inside a minibatch (gradient accumulation)"""
+    learning_rate: float = 3e-5
+    """AdamW learning rate of policy and value model (constant after warmup)"""
+    warmup_steps: int = 5
+    """linear warmup of the learning rate (in rollout steps)"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm (policy and value together)"""
+    kl_coef: float = 0.3
+    """initial coefficient of the per-token KL penalty (the tiny world's reward model is hacked at 0.05; README)"""
+    target_kl: float | None = None
+    """adaptive KL controller (Ziegler et al. 2019): steer the per-sequence KL to this value (None: fixed kl_coef)"""
+    kl_horizon: int = 10000
+    """adaptive KL controller horizon, in samples"""
+    gamma: float = 1.0
+    """discount over completion tokens"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """policy ratio clip"""
+    cliprange_value: float = 0.2
+    """value clip around the rollout-time values"""
+    vf_coef: float = 0.1
+    """weight of the value loss"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards over the batch before GAE"""
+    # evaluation and checkpoints
+    eval_every: int = 25
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    save_every: int = 0
+    """write checkpoints/step_N (the policy, for evaluation; ppo.py has no --resume yet) every N steps (0: only
+    final/ and value_model/)"""
+
+
+# ALGO LOGIC: the algorithm as pure functions
+
+
+def kl_penalized_rewards(logps, ref_logps, mask, scores, kl_coef):
+    """Per-token rewards (B, L): -kl_coef * (logp - ref_logp) on every completion token, the score (B,) added at the
+    last completion token; 0 on padding. Returns (rewards, non_score_rewards)."""
+    mask = mask.float()
+    non_score = -kl_coef * (logps - ref_logps) * mask  # (B, L)
+    rewards = non_score.clone()
+    last = (mask.sum(1).long() - 1).clamp_min(0)  # (B,) index of the last real token (masks are 1..EOS, then 0)
+    rows = torch.arange(len(last), device=rewards.device)
+    rewards[rows, last] += scores * (mask.sum(1) > 0)
+    return rewards, non_score
+
+
+def gae(rewards, values, mask, gamma, lam):
+    """Generalized advantage estimation over completion tokens. rewards, values, mask (B, L); after the last real
+    token the value is 0. Returns (advantages (B, L), returns = advantages + values), 0 on padding."""
+    mask = mask.float()
+    rewards, values = rewards * mask, values * mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    L = rewards.shape[1]
+    for t in reversed(range(L)):
+        next_values = values[:, t + 1] if t + 1 < L else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps, old_logps, advantages, cliprange):
+    """Per-token clipped surrogate (B, L) and whether the clipped branch is the active one."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def ppo_value_loss(values, old_values, returns, cliprange_value):
+    """Per-token clipped value loss (B, L): 0.5 max((V - R)^2, (V_clipped - R)^2), and whether the clip is active."""
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    return 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_samples: int) -> float:
+    """Ziegler et al.'s proportional controller: kl_coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n_samples / horizon)
+
+
+# PLUMBING
+
+
+def token_values(value_model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """V(s_t) for each completion token t: the value head on the hidden state just before t. (B, L) fp32."""
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    hidden = value_model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (B, P+L, H)
+    P, L = prompt_ids.shape[1], completion_ids.shape[1]
+    return value_model.score(hidden[:, P - 1 : P + L - 1]).squeeze(-1).float()
+
+
+def apply_stop_token(completion_ids, completion_mask, stop_id):
+    """End completions at the first `stop_id` (kept, like EOS): mask what follows. Returns (mask, stopped (B,))."""
+    is_stop = (completion_ids == stop_id) & completion_mask.bool()
+    stopped = is_stop.any(1)
+    first = torch.where(stopped, is_stop.float().argmax(1), completion_ids.shape[1])
+    keep = torch.arange(completion_ids.shape[1])[None, :] <= first[:, None]
+    return completion_mask * keep, stopped
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_batch_size, device) -> torch.Tensor:
+    """Score (prompt, completion text) pairs with the reward model, rendered with its own tokenizer and chat template
+    exactly as reward_model.py rendered its training pairs."""
+    examples = []
+    for p, c in zip(prompts, completions):
+        prompt = [{"role": "user", "content": p}] if isinstance(p, str) else p
+        ids, _ = tokenize_pair_side(rm_tokenizer, prompt, [{"role": "assistant", "content": c}])
+        examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * len(ids)})
+    scores = []
+    for s in range(0, len(examples), micro_batch_size):
+        batch = collate(examples[s : s + micro_batch_size], rm_tokenizer.pad_token_id)
+        scores.append(
+            last_token_scores(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        )
+    return torch.cat(scores).cpu()
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    n = args.prompts_per_step * args.group_size
+    if n % args.num_minibatches:
+        die(f"--num-minibatches {args.num_minibatches} does not divide the rollout batch ({n} completions)")
+    if (n // args.num_minibatches) % args.micro_batch_size and args.micro_batch_size < n // args.num_minibatches:
+        die(f"--micro-batch-size {args.micro_batch_size} does not divide the minibatch ({n // args.num_minibatches})")
+    if args.target_kl is not None and args.target_kl <= 0:
+        die(f"--target-kl must be positive, got {args.target_kl}")
+    use_rm = not args.reward_fn
+    weights = args.reward_weights or [1.0] * len(args.reward_fn)
+    if len(weights) != len(args.reward_fn):
+        die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
+    reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    prompts = read_jsonl(args.dataset)
+    require_fields(prompts, args.dataset, ("prompt",) if use_rm else ("prompt", "answer"))
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    value_init = args.value_init if args.value_init != "auto" else ("reward_model" if use_rm else "policy")
+    if value_init == "reward_model" and not use_rm and args.reward_model in ("", None):
+        die("--value-init reward_model needs --reward-model")
+    run_dir = Path(args.output_dir) / (args.run_name or default_run_name("ppo", args.seed))
+    torch.manual_seed(args.seed)
+
+    tokenizer = load_tokenizer(args.model)
+    stop_id = None
+    if args.stop_token is not None:
+        stop_ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
+        if len(stop_ids) != 1:
+            die(f"--stop-token {args.stop_token!r} is {len(stop_ids)} tokens for this tokenizer; it must be one")
+        stop_id = stop_ids[0]
+    policy = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    device = next(policy.parameters()).device
+    ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    reward_model = rm_tokenizer = None
+    if use_rm:
+        rm_tokenizer = load_tokenizer(args.reward_model)
+        reward_model = load_model(
+            args.reward_model, dtype=args.dtype, device=device, model_class=AutoModelForSequenceClassification
+        )
+        reward_model.eval().requires_grad_(False)
+    value_source = args.reward_model if value_init == "reward_model" else args.model
+    value_model = load_model(
+        value_source,
+        dtype=args.dtype,
+        device=device,
+        gradient_checkpointing=args.gradient_checkpointing,
+        model_class=AutoModelForSequenceClassification,
+        num_labels=1,
+    )
+    if value_init == "policy":
+        with torch.no_grad():  # a fresh head that starts at V = 0 (no prior on the scores)
+            value_model.score.weight.zero_()
+    policy.train()
+    value_model.train()
+    optimizer = torch.optim.AdamW(
+        [*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, fused=device.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=0)
+    tracker.write(
+        f"run: {run_dir}  |  {len(prompts)} prompts, {n} completions/step, {args.ppo_epochs} epochs x "
+        f"{args.num_minibatches} minibatches  |  scores from "
+        + (f"reward model {args.reward_model}" if use_rm else f"reward functions {', '.join(args.reward_fn)}")
+        + f"  |  value model from {value_init.replace('_', ' ')} ({value_source})"
+    )
+
+    def evaluation() -> dict:
+        if not eval_records:
+            return {}
+        return evaluate(
+            policy, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+        )
+
+    start = evaluation()
+    tracker.log(start, step=0)
+    tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    kl_coef = args.kl_coef
+    mb_size = min(args.micro_batch_size, n // args.num_minibatches)
+    for step in range(args.max_steps):
+        t0 = time.time()
+        # ROLLOUT: prompts and samples depend only on (seed, step)
+        policy.eval()
+        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)]
+        out = generate(
+            policy,
+            tokenizer,
+            [r["prompt"] for r in batch],
+            n=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            batch_size=n,
+            seed=args.seed * 1_000_003 + step,
+        )
+        prompt_ids, prompt_mask, completion_ids = out["prompt_ids"], out["prompt_mask"], out["completion_ids"]
+        mask, texts, ended = out["completion_mask"], out["texts"], ~out["truncated"]
+        if stop_id is not None:
+            mask, stopped = apply_stop_token(completion_ids, mask, stop_id)
+            ended = ended | stopped
+            texts = tokenizer.batch_decode(
+                completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
+            )
+        gen_s = time.time() - t0
+        prompt_list = [r["prompt"] for r in batch for _ in range(args.group_size)]
+
+        # SCORES: the reward model (or verifiable reward functions); an optional penalty for never ending
+        if use_rm:
+            scores = reward_model_scores(reward_model, rm_tokenizer, prompt_list, texts, mb_size, device)
+        else:
+            answers = [r["answer"] for r in batch for _ in range(args.group_size)]
+            scores = torch.tensor(
+                compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, texts, answers)[0]
+            ).float()
+        raw_scores = scores.clone()
+        if args.missing_eos_penalty is not None:
+            scores = scores - args.missing_eos_penalty * (~ended).float()
+
+        # LOG-PROBS AND VALUES of the rollout (no grad), micro-batched
+        seqs = [prompt_ids, prompt_mask, completion_ids, mask]
+        old_logps, ref_logps, old_values = [], [], []
+        with torch.no_grad():
+            value_model.eval()
+            for s in range(0, n, mb_size):
+                part = [x[s : s + mb_size].to(device) for x in seqs]
+                old_logps.append(completion_logprobs(policy, *part, args.temperature).float())
+                ref_logps.append(completion_logprobs(ref, *part, args.temperature).float())
+                old_values.append(token_values(value_model, *part))
+            value_model.train()
+        old_logps, ref_logps, old_values = (torch.cat(x) for x in (old_logps, ref_logps, old_values))  # (n, L)
+        mask_d = mask.to(device).float()
+
+        # ALGO LOGIC: KL-penalized per-token rewards, GAE, whitened advantages
+        rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores.to(device), kl_coef)
+        if args.whiten_rewards:
+            rewards = masked_whiten(rewards, mask_d, shift_mean=False) * mask_d
+        advantages, returns = gae(rewards, old_values, mask_d, args.gamma, args.lam)
+        advantages = masked_whiten(advantages, mask_d) * mask_d
+
+        # PPO UPDATES: ppo_epochs x num_minibatches optimizer steps; each minibatch's token-mean loss is accumulated
+        # over micro-batches with the minibatch's token count as the normalizer
+        policy.train()
+        t1 = time.time()
+        stats = {
+            k: [] for k in ("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy", "grad_norm")
+        }
+        train_tokens = 0
+        minibatch = n // args.num_minibatches
+        for epoch in range(args.ppo_epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + epoch))
+            for m0 in range(0, n, minibatch):
+                rows = order[m0 : m0 + minibatch]
+                n_tok = mask_d[rows].sum().clamp_min(1)
+                sums = dict.fromkeys(("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy"), 0.0)
+                for u0 in range(0, len(rows), mb_size):
+                    mb = rows[u0 : u0 + mb_size]
+                    part = [x[mb].to(device) for x in seqs]
+                    m = mask_d[mb]
+                    logps, entropy = completion_logprobs(policy, *part, args.temperature, return_entropy=True)
+                    values = token_values(value_model, *part)
+                    pg, pg_clipped = ppo_policy_loss(logps, old_logps[mb], advantages[mb], args.cliprange)
+                    vf, vf_clipped = ppo_value_loss(values, old_values[mb], returns[mb], args.cliprange_value)
+                    pg_loss, vf_loss = (pg * m).sum() / n_tok, (vf * m).sum() / n_tok
+                    (pg_loss + args.vf_coef * vf_loss).backward()
+                    with torch.no_grad():
+                        sums["pg_loss"] += pg_loss.item()
+                        sums["vf_loss"] += vf_loss.item()
+                        sums["clip_frac"] += ((pg_clipped * m).sum() / n_tok).item()
+                        sums["vf_clip_frac"] += ((vf_clipped * m).sum() / n_tok).item()
+                        sums["approx_kl"] += ((0.5 * (logps - old_logps[mb]) ** 2 * m).sum() / n_tok).item()
+                        sums["entropy"] += ((entropy * m).sum() / n_tok).item()
+                    train_tokens += int(part[1].sum() + part[3].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    [*policy.parameters(), *value_model.parameters()], args.max_grad_norm
+                ).item()
+                if not (math.isfinite(sums["pg_loss"]) and math.isfinite(sums["vf_loss"]) and math.isfinite(grad_norm)):
+                    tracker.close()
+                    die(f"non-finite loss or gradient norm at step {step + 1}; no update applied, nothing saved")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                for k, v in sums.items():
+                    stats[k].append(v)
+                stats["grad_norm"].append(grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        train_s = time.time() - t1
+
+        # METRICS; then the adaptive KL controller sees this batch's KL
+        kl_per_seq = ((old_logps - ref_logps) * mask_d).sum(1)  # (n,) k1 summed over each completion
+        explained = 1 - masked_var(returns - old_values, mask_d) / masked_var(returns, mask_d).clamp_min(1e-8)
+        lengths = mask.sum(1).float()
+        metrics = {
+            "rollout/score_mean": raw_scores.mean().item(),
+            "rollout/score_std": raw_scores.std().item() if n > 1 else 0.0,
+            "rollout/reward_mean": (scores.to(device) + non_score.sum(1)).mean().item(),
+            "rollout/completion_len": lengths.mean().item(),
+            "rollout/no_eos_frac": (~ended).float().mean().item(),
+            "train/kl": kl_per_seq.mean().item(),
+            "train/kl_coef": kl_coef,
+            "train/non_score_reward": non_score.sum(1).mean().item(),
+            **{f"train/{k}": sum(v) / len(v) for k, v in stats.items()},
+            "train/value_mean": masked_mean(old_values, mask_d).item(),
+            "train/returns_mean": masked_mean(returns, mask_d).item(),
+            "train/explained_variance": explained.item(),
+            "train/lr": lr,
+            "perf/gen_tokens_per_s": float(mask.sum()) / max(gen_s, 1e-9),
+            "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
+            "perf/step_s": time.time() - t0,
+            "perf/peak_mem_gb": peak_memory_gb(device),
+        }
+        if not use_rm:
+            metrics["rollout/reward/" + "+".join(args.reward_fn)] = raw_scores.mean().item()
+        if args.target_kl is not None:
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["train/kl"], args.target_kl, args.kl_horizon, n)
+        done = step + 1
+        if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation())
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < args.max_steps:
+            save_checkpoint(run_dir, done, policy, tokenizer, optimizer, scheduler)
+
+    final = save_model(policy, tokenizer, run_dir / "final")
+    save_model(value_model, tokenizer, run_dir / "value_model")
+    tracker.close()
+    print(f"saved {final} (and the value model in {run_dir / 'value_model'})")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
