@@ -1,18 +1,23 @@
 """Rebuild the tiny world in assets/ from a seed, with the project's own scripts.
 
-    python assets/build.py              # ~9 minutes on 2 CPU cores (see README: "The tiny world")
-    python assets/build.py --data-only  # assets/data/ alone, in seconds
+    python assets/build.py                # ~20 minutes on 2 CPU cores (see README: "The tiny world")
+    python assets/build.py --data-only    # the seed-only data in assets/data/, in seconds
+    python assets/build.py --reuse-base   # keep tiny-base/, rebuild preferences, tiny-rm/, tiny-teacher/ (~4 min)
 
 Writes
   assets/tiny-base/            a Llama-architecture chat model (~1.3M parameters, character-level tokenizer with a
-                               ChatML template) pretrained by sft.py on the chat-formatted mix of all skills, with
-                               little of the target skill, so that it follows the format, is strong on the general
-                               skills and weak-to-moderate on the target skill
+                               ChatML template) trained by two sft.py runs: (1) the chat-formatted mix of all skills
+                               with carry-free additions, (2) "sloppy carrying": uniform additions whose carries are
+                               mostly dropped. It follows the format, is strong on the general skills, and on the
+                               target skill samples the right answer often but rarely answers it greedily.
   assets/data/eval.jsonl       held-out {prompt, answer, skill}: 200 target-skill + 100 per general skill
   assets/data/sft.jsonl        target-skill conversations for sft.py (prompts never in eval.jsonl)
   assets/data/sft_eval.jsonl   the held-out target-skill items as conversations (eval/loss)
-  assets/data/prompts.jsonl    {prompt, answer, skill} target-skill prompts for RL (grpo.py), none held out
-Later scripts' assets (preferences, prompts, teacher, reward model) are added here by their issues.
+  assets/data/prompts.jsonl    {prompt, answer, skill} target-skill prompts for RL (grpo.py, ppo.py, opd.py)
+  assets/data/prefs.jsonl      {prompt, chosen, rejected}: right answers vs tiny-base's own wrong samples (dpo.py,
+  assets/data/prefs_eval.jsonl reward_model.py), and the same on held-out prompts
+  assets/tiny-rm/              reward_model.py's output (ppo.py's reward model)
+  assets/tiny-teacher/         grpo.py's output from tiny-base, in bf16 (opd.py's teacher)
 """
 
 from __future__ import annotations
@@ -104,10 +109,12 @@ class Args:
     """keep the pretraining run here (metrics, a checkpoint every 500 steps) instead of a temporary directory"""
     rm_steps: int = 1000
     """reward_model.py steps for tiny-rm/"""
+    teacher_steps: int = 150
+    """grpo.py steps for tiny-teacher/ (opd.py's default teacher)"""
     data_only: bool = False
     """write the seed-only data (not prefs*, which need tiny-base) and stop; keep the models"""
     reuse_base: bool = False
-    """keep the existing tiny-base/ and rebuild only what is made from it (preferences, tiny-rm/)"""
+    """keep the existing tiny-base/ and rebuild only what is made from it (preferences, tiny-rm/, tiny-teacher/)"""
 
 
 def build_tokenizer(path: Path):
@@ -188,6 +195,7 @@ def main(args: Args) -> None:
         build_base(args, held_out)
     build_preferences(args, held_out, eval_tasks)
     build_reward_model(args)
+    build_teacher(args)
 
 
 def run_sft(work: Path, name: str, model: Path, dataset: Path, data: Path, args: Args, **flags) -> Path:
@@ -352,6 +360,37 @@ def build_reward_model(args: Args) -> None:
     summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
     (out / "tiny-rm" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
     print("tiny-rm:", json.dumps(summary))
+
+
+def build_teacher(args: Args) -> None:
+    """tiny-teacher/: `python grpo.py` (its defaults) from tiny-base, stored in bf16 (half the bytes; opd.py upcasts)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(args.out)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, str(ROOT / "grpo.py"), "--model", str(out / "tiny-base")]
+        cmd += ["--dataset", str(out / "data" / "prompts.jsonl"), "--eval-prompts", str(out / "data" / "eval.jsonl")]
+        cmd += [
+            "--output-dir",
+            tmp,
+            "--run-name",
+            "teacher",
+            "--seed",
+            str(args.seed),
+            "--max-steps",
+            str(args.teacher_steps),
+        ]
+        print(" ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "teacher" / "final", dtype=torch.bfloat16)
+        shutil.rmtree(out / "tiny-teacher", ignore_errors=True)
+        model.save_pretrained(out / "tiny-teacher")
+        AutoTokenizer.from_pretrained(Path(tmp) / "teacher" / "final").save_pretrained(out / "tiny-teacher")
+        last = [json.loads(line) for line in (Path(tmp) / "teacher" / "metrics.jsonl").open()][-1]
+    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
+    (out / "tiny-teacher" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print("tiny-teacher:", json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -226,6 +226,8 @@ def test_build_pipeline_runs_on_a_small_budget(tmp_path):
         "30",
         "--rm-steps",
         "2",
+        "--teacher-steps",
+        "2",
     )
     assert (tmp_path / "tiny-base" / "model.safetensors").is_file()
     pairs = [json.loads(line) for line in (tmp_path / "data" / "prefs.jsonl").open()]
@@ -236,6 +238,8 @@ def test_build_pipeline_runs_on_a_small_budget(tmp_path):
     )
     rm = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny-rm")
     assert rm.config.num_labels == 1
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-teacher")
+    assert teacher.dtype == torch.bfloat16 and (tmp_path / "tiny-teacher" / "tokenizer.json").is_file()
     eval_rows = [json.loads(line) for line in (tmp_path / "data" / "eval.jsonl").open()]
     train_rows = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").open()]
     held_out = {r["prompt"] for r in eval_rows}

@@ -1,0 +1,383 @@
+"""On-policy distillation: the student samples its own completions, a frozen teacher scores every token the student
+produced, and the student minimizes the reverse KL to the teacher on its own trajectories (Agarwal et al. 2024,
+arXiv 2306.13649; Gu et al. 2024, MiniLLM; Thinking Machines, "On-policy distillation", 2025).
+
+    --objective sampled (default): per-token advantage A_t = log pi_T(y_t|.) - log pi_S(y_t|.) (negative per-token
+        reverse KL on the sampled token, no discounting), policy-gradient loss -mean_t A_t rho_t
+        (rho_t = pi_S / pi_S,old, clipped to [1 - eps, 1 + eps] when --num-iterations > 1);
+        E_{y_t ~ pi_S}[-A_t] = KL(pi_S || pi_T) at that position.
+    --objective full: the exact reverse KL sum_v pi_S(v|.) (log pi_S(v|.) - log pi_T(v|.)) at every completion
+        position, summed over the vocabulary in row chunks (neither model's [N, V] logits exist in full).
+
+Teacher and student must share the vocabulary. `--cold-start-steps N` first runs N SFT steps on teacher-sampled
+completions (off-policy), the remedy when the student's samples start far from the teacher's (low overlap).
+
+    python opd.py                                                     # the tiny world: tiny-base <- tiny-teacher
+    python opd.py --model Qwen/Qwen3-0.6B --teacher Qwen/Qwen3-8B --dataset prompts.jsonl --eval-prompts '' \\
+        --teacher-dtype bfloat16 --max-new-tokens 512 --micro-batch-size 8
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from common import die
+from common.data import read_jsonl, require_fields, step_indices
+from common.generation import generate
+from common.logprobs import completion_logprobs, lm_head_params, masked_mean
+from common.model import load_model, load_tokenizer, save_checkpoint, save_model
+from common.tinyworld import TARGET_SKILL, evaluate
+from common.tracking import Tracker, default_run_name, peak_memory_gb
+
+
+@dataclass
+class Args:
+    # experiment
+    seed: int = 1
+    """seed of the prompt order and of sampling"""
+    output_dir: str = "runs"
+    """runs are written to {output_dir}/{run_name}/"""
+    run_name: str | None = None
+    """the run's name; if not given: opd__{seed}__{unix time}"""
+    track: bool = False
+    """log to Weights & Biases (WANDB_MODE=offline works)"""
+    wandb_project: str = "cleanpost"
+    """the wandb project"""
+    wandb_entity: str | None = None
+    """the wandb entity (team)"""
+    # models
+    model: str = "assets/tiny-base"
+    """hub id or local directory of the student (trained)"""
+    teacher: str = "assets/tiny-teacher"
+    """hub id or local directory of the teacher (frozen; same vocabulary; may be larger)"""
+    dtype: str = "auto"
+    """student dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    teacher_dtype: str = "auto"
+    """teacher dtype (e.g. bfloat16 to halve a large teacher's memory)"""
+    gradient_checkpointing: bool = False
+    """recompute the student's activations in backward to save memory"""
+    # data
+    dataset: str = "assets/data/prompts.jsonl"
+    """training prompts: JSONL of {prompt} records (prompt: string or message list)"""
+    eval_prompts: str = "assets/data/eval.jsonl"
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    target_skill: str = TARGET_SKILL
+    """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
+    # rollouts
+    prompts_per_step: int = 32
+    """prompts sampled per step"""
+    group_size: int = 4
+    """student completions per prompt"""
+    max_new_tokens: int = 8
+    """completion budget"""
+    temperature: float = 1.0
+    """sampling temperature; both models' log-probs are taken at this temperature"""
+    # objective
+    objective: Literal["sampled", "full"] = "sampled"
+    """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab"""
+    num_iterations: int = 1
+    """updates per rollout batch; > 1 uses the importance ratio to the rollout policy, clipped (sampled objective)"""
+    epsilon: float = 0.2
+    """clip range of the importance ratio"""
+    kl_chunk_size: int = 256
+    """rows per chunk of the full-vocabulary KL"""
+    cold_start_steps: int = 0
+    """SFT steps on teacher-sampled completions before going on-policy (0: none)"""
+    # optimization
+    max_steps: int = 100
+    """on-policy steps (rollout batches), after the cold start"""
+    micro_batch_size: int = 64
+    """completions per forward/backward (gradient accumulation)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant after warmup)"""
+    warmup_steps: int = 5
+    """linear warmup of the learning rate"""
+    max_grad_norm: float = 1.0
+    """clip the global gradient norm"""
+    # evaluation and checkpoints
+    eval_every: int = 25
+    """evaluate every N steps (0: only before the first and after the last step)"""
+    save_every: int = 0
+    """write checkpoints/step_N every N steps (0: only final/)"""
+
+
+# ALGO LOGIC
+
+
+def sampled_token_loss(student_logps, old_logps, teacher_logps, epsilon):
+    """Per-token loss (B, L) of the sampled objective: -A_t * rho_t (clipped like PPO), A_t = teacher - student
+    log-prob of the sampled token at rollout time (detached)."""
+    advantages = (teacher_logps - old_logps).detach()
+    ratio = torch.exp(student_logps - old_logps)
+    return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon))
+
+
+class ChunkedReverseKL(torch.autograd.Function):
+    """KL(pi_S || pi_T) per row over the whole vocabulary, from the two models' final hidden states and head weights,
+    `rows` rows at a time; backward recomputes each chunk. Gradient w.r.t. the student logits z:
+    dKL/dz_j = p_j (log p_j - log q_j - KL). The teacher gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, temperature, rows):
+        kl = s_hidden.new_empty(s_hidden.shape[0], dtype=_compute_dtype(s_hidden))
+        for r0 in range(0, s_hidden.shape[0], rows):
+            logp_s, logp_t = _chunk_logprobs(
+                s_hidden[r0 : r0 + rows], s_weight, s_bias, t_hidden[r0 : r0 + rows], t_weight, t_bias, temperature
+            )
+            kl[r0 : r0 + rows] = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kl)
+        ctx.temperature, ctx.rows = temperature, rows
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl):
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kl = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(s_hidden)
+        dtype = _compute_dtype(s_hidden)
+        grad_weight = torch.zeros_like(s_weight, dtype=dtype)
+        grad_bias = None if s_bias is None else torch.zeros_like(s_bias, dtype=dtype)
+        for r0 in range(0, s_hidden.shape[0], ctx.rows):
+            h = s_hidden[r0 : r0 + ctx.rows]
+            logp_s, logp_t = _chunk_logprobs(
+                h, s_weight, s_bias, t_hidden[r0 : r0 + ctx.rows], t_weight, t_bias, ctx.temperature
+            )
+            g = logp_s.exp() * (logp_s - logp_t - kl[r0 : r0 + ctx.rows, None])  # dKL/dz (rows, V)
+            g = g * grad_kl[r0 : r0 + ctx.rows, None].to(dtype) / ctx.temperature
+            grad_hidden[r0 : r0 + ctx.rows] = (g @ s_weight.to(dtype)).to(s_hidden.dtype)
+            grad_weight += g.t() @ h.to(dtype)
+            if grad_bias is not None:
+                grad_bias += g.sum(0)
+        grad_bias = None if grad_bias is None else grad_bias.to(s_bias.dtype)
+        return grad_hidden, grad_weight.to(s_weight.dtype), grad_bias, None, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)  # bf16 -> fp32; fp32 and fp64 unchanged
+
+
+def _chunk_logprobs(s_h, s_w, s_b, t_h, t_w, t_b, temperature):
+    dtype = _compute_dtype(s_h)
+    z_s = (s_h @ s_w.t()).to(dtype) + (0 if s_b is None else s_b.to(dtype))
+    z_t = (t_h.to(t_w.dtype) @ t_w.t()).to(dtype) + (0 if t_b is None else t_b.to(dtype))  # teacher: own dtype
+    return torch.log_softmax(z_s / temperature, -1), torch.log_softmax(z_t / temperature, -1)
+
+
+# PLUMBING
+
+
+def check_same_vocabulary(student_tok, teacher_tok, student_name, teacher_name) -> None:
+    """Stop before any compute if the two tokenizers would give different ids to the same text."""
+    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    where = f"--model {student_name!r} and --teacher {teacher_name!r}"
+    if len(s_vocab) != len(t_vocab):
+        die(f"{where} have different vocabularies: {len(s_vocab)} vs {len(t_vocab)} tokens")
+    differ = sorted(k for k in s_vocab if t_vocab.get(k) != s_vocab[k])
+    if differ:
+        k = differ[0]
+        die(f"{where} map {len(differ)} tokens differently, e.g. {k!r}: {s_vocab[k]} vs {t_vocab.get(k)}")
+    for name in ("eos_token", "pad_token"):
+        if getattr(student_tok, name) != getattr(teacher_tok, name):
+            die(f"{where} have different {name}: {getattr(student_tok, name)!r} vs {getattr(teacher_tok, name)!r}")
+
+
+def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask):
+    """Final hidden states at the positions that predict each completion token: (B, L, H)."""
+    input_ids = torch.cat([prompt_ids, completion_ids], 1)
+    attention_mask = torch.cat([prompt_mask, completion_mask], 1)
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    P, L = prompt_ids.shape[1], completion_ids.shape[1]
+    return hidden[:, P - 1 : P + L - 1]
+
+
+@torch.no_grad()
+def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    """The teacher's log-prob of each student-sampled token and whether it is in the teacher's top-1 / top-5:
+    (B, L) each, from its logits one micro-batch at a time."""
+    hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    weight, bias, softcap, multiplier = lm_head_params(teacher)
+    z = (hidden @ weight.t()).float() + (0 if bias is None else bias.float())
+    if softcap is not None:
+        z = torch.tanh(z / softcap) * softcap
+    logp = torch.log_softmax(z * multiplier / temperature, -1)  # (B, L, V): one micro-batch
+    chosen = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    rank = (logp > chosen[..., None]).sum(-1)  # tokens the teacher ranks strictly above the sampled one
+    return chosen, rank < 1, rank < 5
+
+
+def main(args: Args) -> None:
+    # PLUMBING: check flags and inputs before any compute
+    if args.num_iterations > 1 and args.objective == "full":
+        die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
+    prompts = read_jsonl(args.dataset)
+    require_fields(prompts, args.dataset, ("prompt",))
+    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
+    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    tokenizer, teacher_tokenizer = load_tokenizer(args.model), load_tokenizer(args.teacher)
+    check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
+    run_dir = Path(args.output_dir) / (args.run_name or default_run_name("opd", args.seed))
+    torch.manual_seed(args.seed)
+
+    student = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    device = next(student.parameters()).device
+    teacher = load_model(args.teacher, dtype=args.teacher_dtype, device=device).eval().requires_grad_(False)
+    if lm_head_params(student)[2] is not None and args.objective == "full":
+        die("--objective full does not support soft-capped heads (Gemma-2); use --objective sampled")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
+    total_steps = args.cold_start_steps + args.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=0)
+    n = args.prompts_per_step * args.group_size
+    tracker.write(
+        f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
+        f"teacher {args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M)  |  objective "
+        f"{args.objective}, {n} completions/step"
+        + (f", {args.cold_start_steps} cold-start SFT steps" if args.cold_start_steps else "")
+    )
+
+    def evaluation(model) -> dict:
+        if not eval_records:
+            return {}
+        return evaluate(
+            model, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+        )
+
+    teacher_eval = {k.replace("eval/", "eval/teacher_"): v for k, v in evaluation(teacher).items()}
+    start = {**evaluation(student), **teacher_eval}
+    tracker.log(start, step=0)
+    tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+
+    for step in range(total_steps):
+        t0 = time.time()
+        cold = step < args.cold_start_steps
+        # ROLLOUT: the student samples (or, in the cold start, the teacher does); depends only on (seed, step)
+        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)]
+        sampler = teacher if cold else student
+        student.eval()
+        out = generate(
+            sampler,
+            tokenizer,
+            [r["prompt"] for r in batch],
+            n=args.group_size,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            batch_size=n,
+            seed=args.seed * 1_000_003 + step,
+        )
+        seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]
+        mask = out["completion_mask"].float().to(device)
+        gen_s = time.time() - t0
+        with torch.no_grad():
+            old_logps, teacher_logps, top1, top5 = [], [], [], []
+            for s in range(0, n, args.micro_batch_size):
+                part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
+                old_logps.append(completion_logprobs(student, *part, args.temperature).float())
+                chosen, in1, in5 = teacher_token_stats(teacher, *part, args.temperature)
+                teacher_logps.append(chosen)
+                top1.append(in1)
+                top5.append(in5)
+            old_logps, teacher_logps = torch.cat(old_logps), torch.cat(teacher_logps)  # (n, L)
+            top1, top5 = torch.cat(top1).float(), torch.cat(top5).float()
+
+        # ALGO LOGIC: cold start = SFT on the teacher's samples; then the chosen on-policy objective
+        student.train()
+        n_tok = mask.sum().clamp_min(1)
+        losses, kls, grad_norms = [], [], []
+        for _ in range(1 if cold else args.num_iterations):
+            loss_sum, kl_sum = 0.0, 0.0
+            for s in range(0, n, args.micro_batch_size):
+                part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
+                m = mask[s : s + args.micro_batch_size]
+                if cold:
+                    tok_loss = -completion_logprobs(student, *part, args.temperature)
+                elif args.objective == "sampled":
+                    logps = completion_logprobs(student, *part, args.temperature)
+                    tok_loss = sampled_token_loss(
+                        logps,
+                        old_logps[s : s + args.micro_batch_size],
+                        teacher_logps[s : s + args.micro_batch_size],
+                        args.epsilon,
+                    )
+                else:
+                    s_hidden = completion_hidden(student, *part)
+                    with torch.no_grad():
+                        t_hidden = completion_hidden(teacher, *part)
+                    sw, sb, _, s_mult = lm_head_params(student)
+                    tw, tb, _, t_mult = lm_head_params(teacher)
+                    if s_mult != 1.0 or t_mult != 1.0:
+                        die("--objective full does not support logit-scaled heads (Cohere, Granite) yet")
+                    b, L = s_hidden.shape[:2]
+                    tok_loss = ChunkedReverseKL.apply(
+                        s_hidden.reshape(b * L, -1),
+                        sw,
+                        sb,
+                        t_hidden.reshape(b * L, -1),
+                        tw,
+                        tb,
+                        args.temperature,
+                        args.kl_chunk_size,
+                    ).view(b, L)
+                    kl_sum += float((tok_loss.detach() * m).sum())
+                loss = (tok_loss * m).sum() / n_tok
+                loss.backward()
+                loss_sum += loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
+            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                tracker.close()
+                die(
+                    f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; no update applied"
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss_sum)
+            kls.append(kl_sum / float(n_tok))
+            grad_norms.append(grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+
+        # reverse KL per token: exact with --objective full, else the sampled estimate E[log pi_S - log pi_T]
+        reverse_kl = (
+            kls[0] if (args.objective == "full" and not cold) else masked_mean(old_logps - teacher_logps, mask).item()
+        )
+        metrics = {
+            "train/loss": sum(losses) / len(losses),
+            "train/phase": 0.0 if cold else 1.0,
+            "train/reverse_kl": reverse_kl,
+            "train/teacher_logp": masked_mean(teacher_logps, mask).item(),
+            "train/student_logp": masked_mean(old_logps, mask).item(),
+            "train/overlap_top1": masked_mean(top1, mask).item(),
+            "train/overlap_top5": masked_mean(top5, mask).item(),
+            "train/grad_norm": sum(grad_norms) / len(grad_norms),
+            "train/lr": lr,
+            "rollout/completion_len": out["completion_mask"].sum(1).float().mean().item(),
+            "perf/gen_tokens_per_s": float(out["completion_mask"].sum()) / max(gen_s, 1e-9),
+            "perf/step_s": time.time() - t0,
+            "perf/peak_mem_gb": peak_memory_gb(device),
+        }
+        done = step + 1
+        if done == total_steps or (args.eval_every and done % args.eval_every == 0):
+            metrics.update(evaluation(student))
+        tracker.log(metrics, step=done)
+        tracker.step()
+        if args.save_every and done % args.save_every == 0 and done < total_steps:
+            save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler)
+
+    final = save_model(student, tokenizer, run_dir / "final")
+    tracker.close()
+    print(f"saved {final}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,158 @@
+"""opd.py: the sampled estimator against the exact reverse KL, the chunked KL against a naive one, the command line."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import ROOT, TINY_BASE, run_script
+
+from opd import ChunkedReverseKL, sampled_token_loss
+
+
+def _exact_reverse_kl(z_s, z_t):
+    logp, logq = torch.log_softmax(z_s, -1), torch.log_softmax(z_t, -1)
+    return (logp.exp() * (logp - logq)).sum(-1)
+
+
+def test_sampled_estimator_matches_the_exact_reverse_kl_in_expectation():
+    g = torch.Generator().manual_seed(0)
+    z_s = (torch.randn(7, generator=g) * 1.5).requires_grad_()
+    z_t = torch.randn(7, generator=g) * 1.5
+    kl = _exact_reverse_kl(z_s, z_t)
+    kl.backward()
+    exact_grad = z_s.grad.clone()
+    z_s.grad = None
+    p = torch.softmax(z_s.detach(), -1)
+    samples = torch.multinomial(p, 400_000, replacement=True, generator=g)
+    logps = torch.log_softmax(z_s, -1)[samples]
+    teacher = torch.log_softmax(z_t, -1)[samples]
+    per_token_kl = (logps - teacher).detach()  # the value estimate: -A_t
+    se = per_token_kl.std() / len(samples) ** 0.5
+    assert abs(per_token_kl.mean() - kl.detach()) < 4 * se
+    forward_kl = (torch.softmax(z_t, -1) * (torch.log_softmax(z_t, -1) - torch.log_softmax(z_s.detach(), -1))).sum()
+    assert abs(forward_kl - kl.detach()) > 40 * se  # the test can tell reverse from forward KL
+    # the gradient of the sampled loss is an unbiased estimate of the reverse KL's gradient
+    sampled_token_loss(logps, logps.detach(), teacher, epsilon=0.2).mean().backward()
+    assert torch.allclose(z_s.grad, exact_grad, atol=0.02), (z_s.grad, exact_grad)
+    assert exact_grad.abs().max() > 0.1
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_chunked_reverse_kl_matches_naive_values_and_gradients(with_bias):
+    g = torch.Generator().manual_seed(1)
+    N, H, V, T = 37, 16, 50, 0.7
+    s_h = torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_()
+    s_w = torch.randn(V, H, generator=g, dtype=torch.float64).requires_grad_()
+    s_b = torch.randn(V, generator=g, dtype=torch.float64).requires_grad_() if with_bias else None
+    t_h, t_w = torch.randn(N, H, generator=g, dtype=torch.float64), torch.randn(V, H, generator=g, dtype=torch.float64)
+    t_b = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
+    weights = torch.rand(N, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
+
+    chunked = ChunkedReverseKL.apply(s_h, s_w, s_b, t_h, t_w, t_b, T, 8)  # 8 rows a chunk: does not divide 37
+    (chunked * weights).sum().backward()
+    grads = [s_h.grad.clone(), s_w.grad.clone()] + ([s_b.grad.clone()] if with_bias else [])
+    for x in (s_h, s_w, s_b):
+        if x is not None:
+            x.grad = None
+    z_s = (s_h @ s_w.T + (0 if s_b is None else s_b)) / T
+    z_t = (t_h @ t_w.T + (0 if t_b is None else t_b)) / T
+    naive = _exact_reverse_kl(z_s, z_t)
+    (naive * weights).sum().backward()
+    assert torch.allclose(chunked.double(), naive, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, [s_h.grad, s_w.grad] + ([s_b.grad] if with_bias else [])):
+        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
+
+
+def test_kl_and_loss_are_zero_when_student_is_teacher():
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(5, 8, generator=g).requires_grad_(), torch.randn(11, 8, generator=g)
+    kl = ChunkedReverseKL.apply(h, w, None, h.detach(), w, None, 1.0, 2)
+    assert kl.abs().max() < 1e-6
+    logps = torch.randn(3, 4)
+    assert sampled_token_loss(logps, logps, logps, 0.2).abs().max() == 0
+
+
+def _opd(tmp_path, name, *extra):
+    run_script(
+        ROOT / "opd.py",
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--group-size",
+        "2",
+        "--eval-prompts",
+        "",
+        "--output-dir",
+        tmp_path,
+        "--run-name",
+        name,
+        *extra,
+    )
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+
+
+@pytest.mark.parametrize("objective", ["sampled", "full"])
+def test_cli_both_objectives(tmp_path, random_model_dir, objective):
+    rows = _opd(
+        tmp_path,
+        objective,
+        "--model",
+        random_model_dir,
+        "--teacher",
+        TINY_BASE,
+        "--objective",
+        objective,
+        "--cold-start-steps",
+        "1",
+    )
+    assert rows[1]["train/phase"] == 0.0 and rows[-1]["train/phase"] == 1.0
+    for key in (
+        "train/reverse_kl",
+        "train/teacher_logp",
+        "train/student_logp",
+        "train/overlap_top1",
+        "train/overlap_top5",
+    ):
+        assert key in rows[-1], key
+    assert rows[-1]["train/reverse_kl"] > 0.1  # a random student is far from tiny-base
+    assert 0 <= rows[-1]["train/overlap_top1"] <= rows[-1]["train/overlap_top5"] <= 1
+    same = _opd(
+        tmp_path,
+        objective + "_same",
+        "--model",
+        TINY_BASE,
+        "--teacher",
+        TINY_BASE,
+        "--objective",
+        objective,
+        "--max-steps",
+        "1",
+    )
+    assert abs(same[-1]["train/reverse_kl"]) < 1e-5 and abs(same[-1]["train/loss"]) < 1e-5
+
+
+def test_tokenizer_mismatch_stops_before_compute(tmp_path, random_model_dir):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(random_model_dir, teacher)
+    tok = json.loads((teacher / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (teacher / "tokenizer.json").write_text(json.dumps(tok))
+    proc = run_script(
+        ROOT / "opd.py", "--model", random_model_dir, "--teacher", teacher, "--output-dir", tmp_path, check=False
+    )
+    assert proc.returncode != 0
+    assert "map 2 tokens differently, e.g. 'a'" in proc.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.glob("opd__*"))  # nothing was run
+
+
+@pytest.mark.slow
+def test_default_opd_run_closes_half_the_gap():
+    """`python opd.py` with no flags: the student closes >= 50% of the tiny-base -> tiny-teacher accuracy gap."""
+    base = json.loads((TINY_BASE / "build_eval.json").read_text())["eval/accuracy"]
+    run_script(ROOT / "opd.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "opd_default_learns")
+    rows = [json.loads(line) for line in (ROOT / "runs/tests/opd_default_learns/metrics.jsonl").open()]
+    teacher = rows[0]["eval/teacher_accuracy"]
+    assert rows[-1]["eval/accuracy"] >= base + 0.5 * (teacher - base), (base, teacher, rows[-1]["eval/accuracy"])
