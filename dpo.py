@@ -40,7 +40,15 @@ from common.data import (
     step_indices,
 )
 from common.logprobs import token_logprobs
-from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.model import (
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    load_trainer_state,
+    lr_lambda,
+    save_checkpoint,
+    save_model,
+)
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -224,12 +232,7 @@ def main(args: Args) -> None:
         fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / (args.warmup_steps + 1)
-            if s < args.warmup_steps
-            else max(0.0, 1 - (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-        ),
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
     if not ckpt:

@@ -34,7 +34,15 @@ from common import die
 from common.data import check_batch_sizes, read_jsonl, require_fields, step_indices
 from common.generation import generate
 from common.logprobs import completion_logprobs, masked_mean
-from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.model import (
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    load_trainer_state,
+    lr_lambda,
+    save_checkpoint,
+    save_model,
+)
 from common.rewards import compute_rewards, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
@@ -232,7 +240,7 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
     if not ckpt:
         run_dir.mkdir(parents=True, exist_ok=True)

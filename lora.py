@@ -44,7 +44,15 @@ from common.data import (
     step_indices,
 )
 from common.logprobs import token_logprobs
-from common.model import find_checkpoint, load_model, load_tokenizer, load_trainer_state, save_checkpoint, save_model
+from common.model import (
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    load_trainer_state,
+    lr_lambda,
+    save_checkpoint,
+    save_model,
+)
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -347,18 +355,6 @@ def sft_loss(logps: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int) ->
     loss_mask = labels[:, 1:] != IGNORE_INDEX
     nll_sum = -(logps * loss_mask).sum()
     return nll_sum / num_loss_tokens, nll_sum.detach()
-
-
-def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
-    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine/linear decay to 0, or constant."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "linear":
-        return max(0.0, 1 - progress)
-    return 1.0
 
 
 def tensor_bytes(tensors) -> int:

@@ -33,7 +33,7 @@ from common import die
 from common.data import read_jsonl, require_fields, step_indices
 from common.generation import generate
 from common.logprobs import completion_logprobs, lm_head_params, masked_mean
-from common.model import load_model, load_tokenizer, save_checkpoint, save_model
+from common.model import load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -235,7 +235,7 @@ def main(args: Args) -> None:
         die("--objective full does not support soft-capped heads (Gemma-2); use --objective sampled")
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     total_steps = args.cold_start_steps + args.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=0)

@@ -35,7 +35,7 @@ from common import die
 from common.data import IGNORE_INDEX, collate, read_jsonl, require_fields, step_indices, tokenize_pair_side
 from common.generation import generate
 from common.logprobs import completion_logprobs, masked_mean, masked_var, masked_whiten
-from common.model import last_token_scores, load_model, load_tokenizer, save_checkpoint, save_model
+from common.model import last_token_scores, load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
 from common.rewards import compute_rewards, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
@@ -288,7 +288,7 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(
         [*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, fused=device.type == "cuda"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=0)

@@ -35,6 +35,7 @@ from common.model import (
     load_model,
     load_tokenizer,
     load_trainer_state,
+    lr_lambda,
     save_checkpoint,
     save_model,
 )
@@ -153,12 +154,7 @@ def main(args: Args) -> None:
         fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (
-            (s + 1) / (args.warmup_steps + 1)
-            if s < args.warmup_steps
-            else max(0.0, 1 - (s - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-        ),
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
     if not ckpt:

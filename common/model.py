@@ -7,6 +7,7 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import shutil
@@ -186,6 +187,23 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The learning-rate schedule every script uses (LambdaLR multiplier)
+
+
+def lr_lambda(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` (for LambdaLR): linear warmup over `warmup_steps`, then
+    cosine or linear decay to 0 at `max_steps`, or constant."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
 
 
 def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
