@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-from common import die
+from common import die, dist
 from common.data import (
     IGNORE_INDEX,
     check_batch_sizes,
@@ -97,13 +97,16 @@ class Args:
     """if set, add rpo_alpha * the chosen responses' token-mean NLL (RPO)"""
     precompute_ref: bool = False
     """compute the reference log-probs once before training, then free the reference model"""
+    shard_frozen: bool = False
+    """under torchrun: shard the reference with FSDP2 too (1/N of its memory per GPU, an all-gather per forward)
+    instead of a full copy per GPU (no communication)"""
     # optimization
     max_steps: int = 60
     """optimizer steps"""
     batch_size: int = 32
-    """preference pairs per optimizer step"""
+    """preference pairs per optimizer step, over all processes (each of N torchrun processes takes batch_size / N)"""
     micro_batch_size: int = 32
-    """pairs per forward/backward (2x rows: chosen and rejected in one forward)"""
+    """pairs per forward/backward in each process (2x rows: chosen and rejected in one forward)"""
     learning_rate: float = 3e-5
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -157,12 +160,15 @@ def sequence_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> torch.Tensor:
-    """(N, 2) reference log-probs [chosen, rejected] of every pair, computed once (--precompute-ref)."""
-    out = torch.zeros(len(pairs), 2)
-    for mb in pair_micro_batches(pairs, list(range(len(pairs))), micro_batch_size, pad_id):
-        seq = sequence_logps(ref, {k: v.to(device) for k, v in mb.items()}, average)[0].float().cpu()
-        out[mb["index"]] = seq.view(2, -1).T
-    return out
+    """(N, 2) reference log-probs [chosen, rejected] of every pair, computed once (--precompute-ref); under
+    torchrun each process computes every N-th pair and the table is summed over processes."""
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    mine = dist.strided(list(range(len(pairs))))
+    with dist.unsharded(ref):
+        for mb in pair_micro_batches(pairs, mine, micro_batch_size, pad_id) if mine else []:
+            seq = sequence_logps(ref, {k: v.to(device) for k, v in mb.items()}, average)[0].double().cpu()
+            out[mb["index"]] = seq.view(2, -1).T
+    return dist.all_reduce(out).float()
 
 
 def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta) -> dict:
@@ -183,7 +189,9 @@ def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps,
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
-    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    dist.init()  # torchrun: join the other processes (nothing for `python dpo.py`)
+    rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.beta <= 0:
         die(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
@@ -206,9 +214,11 @@ def main(args: Args) -> None:
     model = load_model(
         str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
     )
+    model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
     # Reference: always the starting model (--model), also when resuming.
     ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
     ref_train = ref_eval = None
     note = "live reference model"
     if args.precompute_ref:
@@ -234,13 +244,15 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
-    if not ckpt:
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="dpo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step, "
+        f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step"
+        + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
+        + ", "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}  |  {note}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
@@ -258,16 +270,25 @@ def main(args: Args) -> None:
         if eval_pairs:
             model.eval()
             parts = []
-            for mb in pair_micro_batches(eval_pairs, list(range(len(eval_pairs))), args.micro_batch_size, pad_id):
-                mb = {k: v.to(device) for k, v in mb.items()}
-                logps = sequence_logps(model, mb, average)[0].float()
-                ref_logps = ref_pair_logps(mb, ref_eval).float()
-                b = len(mb["index"])
-                out = dpo_loss(
-                    logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type, args.label_smoothing
-                )
-                parts.append((*out, logps[:b], logps[b:]))
-            cat = [torch.cat(p) for p in zip(*parts)]
+            mine = dist.strided(list(range(len(eval_pairs))))  # each process scores every N-th pair
+            with dist.unsharded(model), dist.unsharded(ref):
+                for mb in pair_micro_batches(eval_pairs, mine, args.micro_batch_size, pad_id) if mine else []:
+                    mb = {k: v.to(device) for k, v in mb.items()}
+                    logps = sequence_logps(model, mb, average)[0].float()
+                    ref_logps = ref_pair_logps(mb, ref_eval).float()
+                    b = len(mb["index"])
+                    out = dpo_loss(
+                        logps[:b],
+                        logps[b:],
+                        ref_logps[:b],
+                        ref_logps[b:],
+                        args.beta,
+                        args.loss_type,
+                        args.label_smoothing,
+                    )
+                    parts.append((*out, logps[:b], logps[b:]))
+            local = [torch.cat(p) for p in zip(*parts)] if parts else [torch.zeros(0)] * 5
+            cat = [dist.all_gather(t) for t in local]  # every process's pairs
             metrics.update(pair_metrics("eval", *cat, args.beta))
             model.train()
         if eval_records:
@@ -289,16 +310,17 @@ def main(args: Args) -> None:
 
     for step in range(start_step, args.max_steps):
         t0 = time.time()
-        # ALGO LOGIC: the step's pairs depend only on (seed, batch_size, step); each micro-batch's summed loss is
-        # divided by the step's pair count (and the RPO term by the step's chosen-token count), so the accumulated
-        # gradient is the full batch's.
+        # ALGO LOGIC: the step's pairs depend only on (seed, batch_size, step); each process takes its slice. Each
+        # micro-batch's summed loss is divided by the step's pair count over all processes (and the RPO term by the
+        # step's chosen-token count, summed over processes), so the accumulated gradient is the full batch's.
         batches = pair_micro_batches(
             train_pairs,
-            step_indices(len(train_pairs), args.batch_size, step, args.seed),
+            step_indices(len(train_pairs), args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             pad_id,
         )
         num_chosen_tokens = sum(int((mb["labels"][: len(mb["index"]), 1:] != IGNORE_INDEX).sum()) for mb in batches)
+        num_chosen_tokens = int(dist.all_reduce(num_chosen_tokens))
         parts, num_tokens, nll_sum = [], 0, 0.0
         for mb in batches:
             mb = {k: v.to(device) for k, v in mb.items()}
@@ -324,8 +346,9 @@ def main(args: Args) -> None:
                 )
             )
             num_tokens += int(mb["attention_mask"].sum())
-        metrics = pair_metrics("train", *[torch.cat(p) for p in zip(*parts)], args.beta)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        metrics = pair_metrics("train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)], args.beta)
+        num_tokens, nll_sum = dist.all_reduce([num_tokens, nll_sum])
+        grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
             tracker.close()
@@ -364,7 +387,8 @@ def main(args: Args) -> None:
         save_checkpoint(run_dir, args.max_steps, model, tokenizer, optimizer, scheduler)
     tracker.close()
     last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
-    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+    if dist.is_main():
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ averages per sequence first (`seq-mean-token-mean`); `--scale-rewards none` with
 Dr. GRPO (arXiv 2503.20783); `--epsilon-high` is DAPO's clip-higher; `--beta 0` (the default, as in DAPO and Dr.
 GRPO) loads no reference model on the accelerator: the KL to the initial policy is then measured every
 `--kl-every` steps with a frozen copy kept in CPU memory.
+
+Under `torchrun --nproc_per_node=N grpo.py ...` each process samples and trains on prompts_per_step / N whole
+groups (a group never straddles processes), with the loss normalized over all processes' tokens.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from typing import Literal
 import torch
 import tyro
 
-from common import die
+from common import die, dist
 from common.data import check_batch_sizes, read_jsonl, require_fields, step_indices
 from common.generation import generate
-from common.logprobs import completion_logprobs, masked_mean
+from common.logprobs import completion_logprobs
 from common.model import (
     find_checkpoint,
     load_model,
@@ -96,13 +99,18 @@ class Args:
     """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
     max_resample_rounds: int = 4
     """with --dynamic-sampling: extra sampling rounds per step before training on what there is"""
+    generation_batch_size: int | None = None
+    """completions per generate call in each process (default: all of the process's completions of the step);
+    call k of process r samples with seed (seed, step) + its global index, so any process count gives the same
+    completions when this is the same"""
     # optimization
     max_steps: int = 150
     """steps (rollout batches)"""
     batch_size: int | None = None
-    """completions per optimizer step (default: the whole rollout batch, prompts_per_step * group_size)"""
+    """completions per optimizer step over all processes (default: the whole rollout batch, prompts_per_step *
+    group_size)"""
     micro_batch_size: int = 64
-    """completions per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    """completions per forward/backward in each process; accumulation steps = batch_size / N / micro_batch_size"""
     learning_rate: float = 1e-4
     """AdamW learning rate (constant after warmup)"""
     warmup_steps: int = 5
@@ -118,6 +126,9 @@ class Args:
     """upper clip range: ratio <= 1 + epsilon_high (clip-higher, see DAPO; = epsilon for symmetric PPO clipping)"""
     beta: float = 0.0
     """KL penalty coefficient (k3 to the reference); 0 loads no reference model on the accelerator"""
+    shard_frozen: bool = False
+    """under torchrun with --beta > 0: shard the reference with FSDP2 (1/N of its memory per GPU, an all-gather per
+    forward) instead of a full copy per GPU"""
     kl_every: int = 10
     """with --beta 0: measure the KL to the initial policy every N steps (CPU copy; 0 disables)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
@@ -138,14 +149,17 @@ class Args:
 # ALGO LOGIC: the algorithm as pure functions
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str, eps: float = 1e-4) -> torch.Tensor:
-    """rewards (B*G,), prompt-major -> advantages (B*G,). A zero-spread group gets 0 advantage (no NaN)."""
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str, eps: float = 1e-4, batch_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rewards (B*G,), prompt-major -> advantages (B*G,). A zero-spread group gets 0 advantage (no NaN).
+    `batch_rewards`: what the `batch` scale's std is taken over (all processes' rewards; default `rewards`)."""
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
-        centered = centered / (rewards.std() + eps)
+        centered = centered / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
     return centered.reshape(-1)
 
 
@@ -169,20 +183,23 @@ def grpo_token_loss(logps, old_logps, advantages, epsilon, epsilon_high, ref_log
     return loss, clipped_low, clipped_high
 
 
-def aggregation_weights(mask: torch.Tensor, loss_agg: str, max_new_tokens: int) -> torch.Tensor:
+def aggregation_weights(
+    mask: torch.Tensor, loss_agg: str, max_new_tokens: int, num_tokens: float | None = None, num_seqs: int | None = None
+) -> torch.Tensor:
     """Per-token weights (B, L) such that loss = sum(weights * token_loss) over a whole (mini)batch is the chosen
     aggregation. Computed on the whole batch before it is cut into micro-batches, so any micro-batch size gives the
-    same gradient.
+    same gradient. `num_tokens` / `num_seqs`: the batch's totals over all processes (default: this `mask`'s).
       token-mean:               1 / (tokens in the batch)
       seq-mean-token-mean:      1 / (len_i * sequences)
       seq-mean-token-sum-norm:  1 / (max_new_tokens * sequences)"""
     mask = mask.float()
+    num_tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+    num_seqs = mask.shape[0] if num_seqs is None else num_seqs
     if loss_agg == "token-mean":
-        return mask / mask.sum().clamp_min(1)
-    n_seqs = mask.shape[0]
+        return mask / num_tokens.clamp_min(1)
     if loss_agg == "seq-mean-token-mean":
-        return mask / (mask.sum(1, keepdim=True).clamp_min(1) * n_seqs)
-    return mask / (max_new_tokens * n_seqs)
+        return mask / (mask.sum(1, keepdim=True).clamp_min(1) * num_seqs)
+    return mask / (max_new_tokens * num_seqs)
 
 
 # PLUMBING
@@ -202,6 +219,9 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device):
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
+    dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
+    rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")  # whole groups per process
+    world = dist.world_size()
     rollout_size = args.prompts_per_step * args.group_size
     batch_size = args.batch_size or rollout_size
     if args.group_size < 2:
@@ -211,7 +231,16 @@ def main(args: Args) -> None:
             f"--batch-size {batch_size} does not divide the rollout batch (--prompts-per-step x --group-size = "
             f"{rollout_size})"
         )
-    check_batch_sizes(batch_size, args.micro_batch_size)
+    local_rollout, local_batch = rollout_size // world, batch_size // world
+    if batch_size % world:
+        die(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
+    check_batch_sizes(local_batch, args.micro_batch_size)
+    gen_batch = args.generation_batch_size or local_rollout
+    if local_rollout % gen_batch:
+        die(
+            f"--generation-batch-size {gen_batch} must divide each process's completions per step "
+            f"({local_rollout} = --prompts-per-step x --group-size / {world} processes)"
+        )
     weights = args.reward_weights or [1.0] * len(args.reward_fn)
     if len(weights) != len(args.reward_fn):
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
@@ -230,6 +259,7 @@ def main(args: Args) -> None:
     policy = load_model(
         str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
     )
+    policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
     # Reference: on the accelerator when it is in the loss (beta > 0); otherwise a CPU copy for the KL probe.
     ref_device = device if args.beta != 0 else torch.device("cpu")
@@ -237,19 +267,23 @@ def main(args: Args) -> None:
     if args.beta != 0 or args.kl_every:  # args.model is the initial policy, also when resuming
         ref = load_model(args.model, dtype="float32" if ref_device.type == "cpu" else args.dtype, device=ref_device)
         ref.eval().requires_grad_(False)
+        if args.beta != 0:
+            ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
-    if not ckpt:
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, policy)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="grpo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {rollout_size} completions/step, "
         f"{rollout_size // batch_size * args.num_iterations} optimizer steps/rollout, "
-        f"{batch_size // args.micro_batch_size} micro-batches/optimizer step, "
+        f"{max(1, local_batch // args.micro_batch_size)} micro-batches/optimizer step"
+        + (f" in each of {world} processes" if world > 1 else "")
+        + ", "
         f"reference {'in the loss' if args.beta else 'KL probe on CPU' if ref else 'none'}"
     )
 
@@ -272,7 +306,7 @@ def main(args: Args) -> None:
         policy.eval()
         groups, n_groups_seen, n_zero_std, gen_tokens = [], 0, 0, 0
         for round_ in range(1 + (args.max_resample_rounds if args.dynamic_sampling else 0)):
-            idx = step_indices(len(prompts), args.prompts_per_step, step, args.seed + 7919 * round_)
+            idx = step_indices(len(prompts), args.prompts_per_step, step, args.seed + 7919 * round_)[rank_prompts]
             batch = [prompts[i] for i in idx]
             out = generate(
                 policy,
@@ -282,8 +316,9 @@ def main(args: Args) -> None:
                 max_new_tokens=args.max_new_tokens,
                 temperature=args.temperature,
                 top_p=args.top_p,
-                batch_size=rollout_size,
-                seed=args.seed * 1_000_003 + step * 101 + round_,
+                batch_size=gen_batch,
+                seed=args.seed * 1_000_003 + step * 101 + round_ + dist.rank() * (local_rollout // gen_batch),
+                seed_each_batch=True,
             )
             gen_tokens += int(out["completion_mask"].sum())
             answers = [r["answer"] for r in batch for _ in range(args.group_size)]
@@ -296,21 +331,28 @@ def main(args: Args) -> None:
                 n_zero_std += zero_std
                 if args.dynamic_sampling and zero_std:
                     continue
-                if len(groups) < args.prompts_per_step:
+                if len(groups) < len(batch):
                     rows = slice(g * args.group_size, (g + 1) * args.group_size)
                     group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated")}
                     group["rewards"] = rewards[g]
                     group["per_fn"] = {k: v[rows] for k, v in per_fn.items()}
                     groups.append(group)
-            if len(groups) == args.prompts_per_step:
+            if len(groups) == len(batch):
                 break
+        # with --dynamic-sampling the processes may have kept different numbers of groups: all train on the
+        # smallest number (every process must run the same number of forward/backward passes)
+        del groups[int(dist.all_reduce(len(groups), "min")) :]
+        n_groups_seen, n_zero_std, gen_tokens = dist.all_reduce([n_groups_seen, n_zero_std, gen_tokens])
         gen_s = time.time() - t0
         if not groups:
             tracker.write(f"step {step + 1}: every sampled group had zero reward spread; no update")
             continue
         rollout = _stack_groups(groups, tokenizer.pad_token_id)  # dicts of (N, ...) tensors, N = len(groups) * G
         n = rollout["rewards"].shape[0]
-        advantages = group_advantages(rollout["rewards"], args.group_size, args.scale_rewards)  # (N,)
+        all_rewards = dist.all_gather(rollout["rewards"])  # every process's, for the batch std and the metrics
+        advantages = group_advantages(
+            rollout["rewards"], args.group_size, args.scale_rewards, batch_rewards=all_rewards
+        )  # (N,)
         loss_mask = rollout["completion_mask"].clone()  # (N, L)
         if args.mask_truncated:
             loss_mask[rollout["truncated"]] = 0
@@ -318,7 +360,7 @@ def main(args: Args) -> None:
         # old log-probs = the rollout policy's: needed when the policy changes within the batch, and for the KL
         # to the initial policy on the probe steps; otherwise the ratio is exactly 1 and logps.detach() serves.
         probe = ref is not None and (args.beta != 0 or step % args.kl_every == 0 or step + 1 == args.max_steps)
-        need_old = args.num_iterations > 1 or batch_size < n or probe
+        need_old = args.num_iterations > 1 or local_batch < n or probe
         old_logps = (
             batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device) if need_old else None
         )
@@ -332,16 +374,17 @@ def main(args: Args) -> None:
         train_tokens, skipped = 0, 0
         for it in range(args.num_iterations):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + it))
-            for b0 in range(0, n, batch_size):  # with --dynamic-sampling n may fall short of a whole batch
-                rows = order[b0 : b0 + batch_size]
-                if args.beta == 0 and not advantages[rows].any():
+            for b0 in range(0, n, local_batch):  # with --dynamic-sampling n may fall short of a whole batch
+                rows = order[b0 : b0 + local_batch]
+                if args.beta == 0 and not dist.all_reduce(float(advantages[rows].any()), "max"):
                     # no signal in this batch (every group zero-spread): the gradient is exactly 0, but AdamW's
                     # momentum would still move the weights, so the update is skipped
                     skipped += 1
                     continue
-                w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens)  # (b, L)
+                n_tok, n_seq = dist.all_reduce([float(loss_mask[rows].sum()), len(rows)])  # over all processes
+                w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens, n_tok, int(n_seq))
                 loss_sum, clip_low, clip_high, ent = 0.0, 0.0, 0.0, 0.0
-                n_tok = max(1, int(loss_mask[rows].sum()))
+                n_tok = max(1.0, n_tok)
                 for m0 in range(0, len(rows), args.micro_batch_size):
                     mb = rows[m0 : m0 + args.micro_batch_size]
                     mb_mask = loss_mask[mb].to(device)
@@ -363,7 +406,8 @@ def main(args: Args) -> None:
                     clip_high += float((high * mb_mask).sum())
                     ent += float((entropy * mb_mask).sum())
                     train_tokens += int(rollout["prompt_mask"][mb].sum() + rollout["completion_mask"][mb].sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm).item()
+                loss_sum, clip_low, clip_high, ent = dist.all_reduce([loss_sum, clip_low, clip_high, ent])
+                grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     tracker.close()
                     die(
@@ -379,24 +423,33 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        train_tokens = dist.all_reduce(train_tokens)
         train_s = time.time() - t1
 
         # KL of the rollout policy to the initial policy on the rollout tokens (k3 and k1), whatever beta is
         if ref_logps is not None:
             mask = rollout["completion_mask"].to(device)
-            metrics["train/kl"] = masked_mean(k3_kl(old_logps, ref_logps), mask).item()
-            metrics["train/kl_k1"] = masked_mean(old_logps - ref_logps, mask).item()
+            k3_sum, k1_sum, n_mask = dist.all_reduce(
+                [
+                    float((k3_kl(old_logps, ref_logps) * mask).sum()),
+                    float(((old_logps - ref_logps) * mask).sum()),
+                    float(mask.sum()),
+                ]
+            )
+            metrics["train/kl"] = k3_sum / max(1.0, n_mask)
+            metrics["train/kl_k1"] = k1_sum / max(1.0, n_mask)
 
-        r = rollout["rewards"]
-        lengths = rollout["completion_mask"].sum(1).float()
+        r = all_rewards
+        lengths = dist.all_gather(rollout["completion_mask"].sum(1).float())
+        per_fn = {k: dist.all_gather(torch.tensor(v, dtype=torch.float64)) for k, v in rollout["per_fn"].items()}
         metrics.update(
             {
                 "rollout/reward_mean": r.mean().item(),
                 "rollout/reward_std": r.std().item(),
-                **{f"rollout/reward/{k}": sum(v) / len(v) for k, v in rollout["per_fn"].items()},
+                **{f"rollout/reward/{k}": v.mean().item() for k, v in per_fn.items()},
                 "rollout/completion_len": lengths.mean().item(),
                 "rollout/completion_len_max": lengths.max().item(),
-                "rollout/truncated_frac": rollout["truncated"].float().mean().item(),
+                "rollout/truncated_frac": dist.all_gather(rollout["truncated"].float()).mean().item(),
                 "rollout/zero_std_frac": n_zero_std / max(1, n_groups_seen),
                 **{f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v},  # none if every update was skipped
                 "train/skipped_updates": skipped,
@@ -419,7 +472,8 @@ def main(args: Args) -> None:
     if args.save_every and args.max_steps % args.save_every == 0:
         save_checkpoint(run_dir, args.max_steps, policy, tokenizer, optimizer, scheduler)
     tracker.close()
-    print(f"saved {final}")
+    if dist.is_main():
+        print(f"saved {final}")
 
 
 def _stack_groups(groups: list[dict], pad_id: int) -> dict:

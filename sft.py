@@ -3,11 +3,14 @@
     loss = - sum_{t in assistant tokens of the step} log p(x_t | x_<t) / (number of assistant tokens in the step)
 
 The normalizer is the whole optimizer step's token count, so accumulating micro-batches gives exactly the gradient
-of one big batch. `{"text": ...}` records train on every token (continued pre-training).
+of one big batch — and under torchrun, where each process takes its share of the step and the count is summed over
+processes, N processes take exactly the step of one. `{"text": ...}` records train on every token (continued
+pre-training).
 
     python sft.py                                         # the tiny world, a few minutes on a laptop CPU
     python sft.py --model Qwen/Qwen3-0.6B --dataset chat.jsonl --batch-size 64 --micro-batch-size 8 \\
         --learning-rate 1e-5 --max-steps 500 --eval-prompts '' --gradient-checkpointing
+    torchrun --nproc_per_node=8 sft.py --model Qwen/Qwen3-0.6B ...   # FSDP2 over 8 GPUs, same flags
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import torch
 import tyro
 
-from common import die
+from common import die, dist
 from common.data import (
     IGNORE_INDEX,
     check_batch_sizes,
@@ -83,9 +86,9 @@ class Args:
     max_steps: int = 800
     """optimizer steps"""
     batch_size: int = 64
-    """examples per optimizer step"""
+    """examples per optimizer step, over all processes (each of N torchrun processes takes batch_size / N)"""
     micro_batch_size: int = 64
-    """examples per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    """examples per forward/backward in each process; gradient accumulation steps = batch_size / N / micro_batch_size"""
     learning_rate: float = 5e-4
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -119,22 +122,27 @@ def sft_loss(logps: torch.Tensor, labels: torch.Tensor, num_loss_tokens: int) ->
 
 @torch.no_grad()
 def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
-    """Token-mean NLL over the held-out examples."""
+    """Token-mean NLL over the held-out examples (each process takes every N-th; sums are reduced)."""
     model.eval()
     nll, tokens = 0.0, 0
-    for mb in micro_batches(examples, list(range(len(examples))), micro_batch_size, pad_id):
-        mb = {k: v.to(device) for k, v in mb.items()}
-        logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
-        n = count_loss_tokens([mb])
-        nll += sft_loss(logps, mb["labels"], n)[1].item()
-        tokens += n
+    mine = dist.strided(list(range(len(examples))))
+    with dist.unsharded(model):  # no communication per forward: the shares may differ by an example
+        for mb in micro_batches(examples, mine, micro_batch_size, pad_id) if mine else []:
+            mb = {k: v.to(device) for k, v in mb.items()}
+            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+            n = count_loss_tokens([mb])
+            nll += sft_loss(logps, mb["labels"], n)[1].item()
+            tokens += n
     model.train()
+    nll, tokens = dist.all_reduce([nll, tokens])
     return nll / max(1, tokens)
 
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
-    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    dist.init()  # torchrun: join the other processes (nothing for `python sft.py`)
+    rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.lr_schedule not in ("cosine", "linear", "constant"):
         die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
     ckpt = find_checkpoint(args.resume) if args.resume else None
@@ -151,6 +159,7 @@ def main(args: Args) -> None:
     model = load_model(
         str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
     )
+    model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
     model.train()
 
@@ -164,13 +173,15 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
     )
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
-    if not ckpt:
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step, "
+        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
+        + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
+        + ", "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
@@ -200,15 +211,16 @@ def main(args: Args) -> None:
 
     for step in range(start_step, args.max_steps):
         t0 = time.time()
-        # ALGO LOGIC: the step's examples depend only on (seed, batch_size, step); the loss is normalized by the
-        # loss tokens of the whole step, so the accumulated gradient equals the full-batch gradient.
+        # ALGO LOGIC: the step's examples depend only on (seed, batch_size, step); each process takes its slice.
+        # The loss is normalized by the loss tokens of the whole step (summed over processes before backward, and
+        # the processes' gradients are summed), so the gradient equals the full-batch gradient.
         batches = micro_batches(
             train_examples,
-            step_indices(len(train_examples), args.batch_size, step, args.seed),
+            step_indices(len(train_examples), args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             tokenizer.pad_token_id,
         )
-        num_loss_tokens = count_loss_tokens(batches)
+        num_loss_tokens = int(dist.all_reduce(count_loss_tokens(batches)))
         nll_sum, num_tokens = 0.0, 0
         for mb in batches:
             mb = {k: v.to(device) for k, v in mb.items()}
@@ -217,8 +229,9 @@ def main(args: Args) -> None:
             loss.backward()
             nll_sum += nll.item()
             num_tokens += int(mb["attention_mask"].sum())
+        nll_sum, num_tokens = dist.all_reduce([nll_sum, num_tokens])
         train_loss = nll_sum / num_loss_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             tracker.close()  # the bar first, so the error is the last line
@@ -254,7 +267,8 @@ def main(args: Args) -> None:
         save_checkpoint(run_dir, args.max_steps, model, tokenizer, optimizer, scheduler)
     tracker.close()
     last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
-    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+    if dist.is_main():
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from common import dist
 from common.data import has_chat_template, render_prompt
 
 
@@ -42,8 +43,15 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     seed: int | None = None,
+    seed_each_batch: bool = False,
 ) -> dict:
-    """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i).
+    """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), `batch_size` rows
+    per `model.generate` call. `seed` seeds the sampling (the global RNG is left as it was); with `seed_each_batch`
+    the k-th call is seeded `seed + k`, so a batch's samples depend only on its rows and its seed — what lets N
+    ranks, each sampling its share with `seed + its first batch index`, reproduce a one-process run.
+
+    A sharded (FSDP) model is gathered once for the whole call (`common.dist.unsharded`): the ranks then generate
+    independently, each as long as its own sequences need.
 
     prompts: strings or message lists. Returns dict with
       prompt_ids (B*n, P) left-padded, prompt_mask (B*n, P), completion_ids (B*n, L), completion_mask (B*n, L),
@@ -56,10 +64,12 @@ def generate(
     tokenizer.padding_side = "left"
     rows = []
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with fork:
+    with fork, dist.unsharded(model):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
+            if seed is not None and seed_each_batch:
+                torch.manual_seed(seed + s // batch_size)
             enc = tokenizer(
                 texts[s : s + batch_size],
                 return_tensors="pt",
@@ -76,6 +86,7 @@ def generate(
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
                 use_cache=True,
+                synced_gpus=False,  # each rank generates on its own (the weights are gathered, see above)
                 **kwargs,
             )
             rows.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from common import dist
+
 DEFAULT_ROWS = 4096  # rows per block
 DEFAULT_TILE_ELEMENTS = 2**23  # logits elements per tile (32 MiB in fp32): vocab slice = this // rows
 
@@ -197,12 +199,25 @@ def token_logprobs(
 
     input_ids, attention_mask (B, T) -> logps (B, T-1) fp32 [, entropy (B, T-1)]; any padding side: position ids
     are derived from the attention mask (left padding is what generation produces). Values at padded positions
-    are meaningless; mask them. The model body runs once; the LM head goes through `chunked_logprobs`.
+    are meaningless; mask them. The model body runs once; the LM head goes through `chunked_logprobs` (inside the
+    model's forward hooks when it is FSDP-sharded, see `common.dist.root_forward`).
 
     Naive equivalent:
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, :-1]
         torch.log_softmax(logits.float() / temperature, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     """
+    return dist.root_forward(
+        model,
+        _token_logprobs,
+        input_ids,
+        attention_mask,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        return_entropy=return_entropy,
+    )
+
+
+def _token_logprobs(model, input_ids, attention_mask, *, temperature, chunk_size, return_entropy):
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

@@ -18,13 +18,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from common import die
+from common import die, dist
 
 hf_logging.disable_progress_bar()  # our own bar is the only one on the console
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's GPU (under torchrun, `common.dist.init` has made it LOCAL_RANK's), else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -108,20 +109,29 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
     """Hugging Face format (safetensors + config + tokenizer), written to `out_dir.tmp` then renamed into place,
-    so a crash never leaves a half-written checkpoint where a loader would find it."""
+    so a crash never leaves a half-written checkpoint where a loader would find it. Under torchrun every rank
+    calls it: a sharded model's full state dict is gathered to rank 0, which alone writes."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    state_dict = dist.full_state_dict(model) if dist.is_sharded(model) else None  # a collective
+    if dist.is_main():
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _replace(tmp, out_dir)
+    dist.barrier()
+    return out_dir
+
+
+def _replace(tmp: Path, out_dir: Path) -> None:
+    """Move the finished `tmp` directory to `out_dir`, replacing an older one."""
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         shutil.rmtree(old, ignore_errors=True)
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,28 +142,45 @@ def save_checkpoint(
     run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None, save_fn=None
 ) -> Path:
     """Write `checkpoints/step_{step}` atomically: the model in HF format (or whatever `save_fn(dir)` writes, e.g.
-    only LoRA adapters) plus optimizer, scheduler and RNG state."""
+    only LoRA adapters) plus optimizer, scheduler and RNG state.
+
+    Under torchrun (every rank calls it): the gathered model and `trainer_state.pt` come from rank 0, the sharded
+    optimizer state from every rank (`optimizer/`, torch.distributed.checkpoint), each rank's RNG state in
+    `rng_{rank}.pt`; resume with the same number of processes."""
     ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     if save_fn is not None:
         save_fn(tmp)
     else:
         save_model(model, tokenizer, tmp)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": {
-            "python": random.getstate(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        },
-        "extra": extra or {},
+    sharded = dist.is_sharded(model)
+    if sharded:
+        dist.save_optimizer(model, optimizer, tmp / "optimizer")
+    rng = {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
-    torch.save(state, tmp / "trainer_state.pt")
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    if dist.world_size() > 1:
+        torch.save(rng, tmp / f"rng_{dist.rank()}.pt")
+    if dist.is_main():
+        state = {
+            "step": step,
+            "world_size": dist.world_size(),
+            "optimizer": None if sharded else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng,
+            "extra": extra or {},
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+    dist.barrier()
+    if dist.is_main():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        tmp.rename(ckpt)
+    dist.barrier()
     return ckpt
 
 
@@ -175,17 +202,28 @@ def find_checkpoint(path: str | Path) -> Path:
     return max(steps)[1]
 
 
-def load_trainer_state(ckpt: Path, optimizer, scheduler) -> dict:
+def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
     """Restore optimizer, scheduler and RNG from `ckpt` (the weights are loaded with `load_model(ckpt)`);
-    returns the trainer state: `step` and the script's `extra`."""
+    returns the trainer state: `step` and the script's `extra`. A sharded model (`model`, under torchrun) reads
+    its optimizer shard; the checkpoint must come from the same number of processes."""
     state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    saved_world = state.get("world_size", 1)
+    if saved_world != dist.world_size():
+        die(
+            f"--resume {str(ckpt)!r} was written by {saved_world} process(es); resume it with the same number "
+            f"(this run has {dist.world_size()})"
+        )
+    if state["optimizer"] is None:
+        dist.load_optimizer(model, optimizer, Path(ckpt) / "optimizer")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = torch.load(Path(ckpt) / f"rng_{dist.rank()}.pt", weights_only=False) if saved_world > 1 else state["rng"]
+    random.setstate(rng["python"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -213,6 +251,10 @@ def last_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention
     Uses the attention mask, not `config.pad_token_id` (transformers' own pooling), so a pad token that equals the
     EOS token inside a sequence cannot move the read-out position. Naive equivalent with right padding:
         model(input_ids, attention_mask=attention_mask).logits[arange(B), attention_mask.sum(-1) - 1, 0]"""
+    return dist.root_forward(model, _last_token_scores, input_ids, attention_mask)
+
+
+def _last_token_scores(model, input_ids, attention_mask):
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False

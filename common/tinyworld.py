@@ -100,28 +100,37 @@ def evaluate(
 ) -> dict[str, float]:
     """Greedy accuracy on {"prompt", "answer", "skill"} records: `eval/accuracy` on the target skill (records with
     no skill count as target), `eval/general_accuracy` on the others (mean over their records), and
-    `eval/accuracy/<skill>` for each skill."""
+    `eval/accuracy/<skill>` for each skill. Under torchrun each rank answers every N-th record and the counts are
+    summed over ranks (every rank returns the same numbers)."""
+    from common import dist
     from common.generation import generate
 
-    was_training = model.training
-    model.eval()
-    out = generate(
-        model,
-        tokenizer,
-        [r["prompt"] for r in records],
-        max_new_tokens=max_new_tokens,
-        greedy=True,
-        batch_size=batch_size,
-    )
-    model.train(was_training)
-    by_skill: dict[str, list[bool]] = {}
-    for r, text in zip(records, out["texts"]):
-        by_skill.setdefault(r.get("skill", target_skill), []).append(is_correct(text, str(r["answer"])))
-    metrics = {f"eval/accuracy/{s}": sum(v) / len(v) for s, v in sorted(by_skill.items())}
-    target = by_skill.get(target_skill, [])
-    general = [x for s, v in by_skill.items() if s != target_skill for x in v]
-    if target:
-        metrics["eval/accuracy"] = sum(target) / len(target)
+    skills = sorted({r.get("skill", target_skill) for r in records})
+    mine = dist.strided(records)
+    texts = []
+    if mine:
+        was_training = model.training
+        model.eval()
+        texts = generate(
+            model,
+            tokenizer,
+            [r["prompt"] for r in mine],
+            max_new_tokens=max_new_tokens,
+            greedy=True,
+            batch_size=batch_size,
+        )["texts"]
+        model.train(was_training)
+    correct, total = dict.fromkeys(skills, 0), dict.fromkeys(skills, 0)
+    for r, text in zip(mine, texts):
+        skill = r.get("skill", target_skill)
+        correct[skill] += is_correct(text, str(r["answer"]))
+        total[skill] += 1
+    sums = dist.all_reduce([correct[s] for s in skills] + [total[s] for s in skills])
+    correct, total = dict(zip(skills, sums[: len(skills)])), dict(zip(skills, sums[len(skills) :]))
+    metrics = {f"eval/accuracy/{s}": correct[s] / total[s] for s in skills}
+    if target_skill in total:
+        metrics["eval/accuracy"] = correct[target_skill] / total[target_skill]
+    general = [s for s in skills if s != target_skill]
     if general:
-        metrics["eval/general_accuracy"] = sum(general) / len(general)
+        metrics["eval/general_accuracy"] = sum(correct[s] for s in general) / sum(total[s] for s in general)
     return metrics

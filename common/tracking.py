@@ -1,6 +1,7 @@
 """One tracker per run: a console progress bar, `metrics.jsonl` always, and wandb with `--track`.
 
 Run names are `{script}__{seed}__{unix time}`; wandb honours `WANDB_MODE=offline` (and the other WANDB_* variables).
+Under torchrun only rank 0 writes (bar, metrics.jsonl, wandb); the scripts reduce metrics over ranks before `log`.
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from common import dist
+
 
 def default_run_name(script: str, seed: int) -> str:
-    return f"{script}__{seed}__{int(time.time())}"
+    """`{script}__{seed}__{unix time}` — rank 0's time on every rank."""
+    return dist.broadcast_object(f"{script}__{seed}__{int(time.time())}")
 
 
 class Tracker:
     def __init__(self, run_dir: Path, args, *, script: str, total_steps: int, start_step: int = 0):
         self.run_dir = Path(run_dir)
+        self.main = dist.is_main()
+        self.metrics_file, self.wandb = None, None
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=script, dynamic_ncols=True, disable=not self.main)
+        if not self.main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         config = asdict(args) if is_dataclass(args) else dict(vars(args))
         # A resumed run appends to the same file, after dropping rows logged past its checkpoint by the stopped run.
@@ -29,7 +38,6 @@ class Tracker:
             rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= start_step]
             path.write_text("".join(line + "\n" for line in rows))
         self.metrics_file = path.open("a")
-        self.wandb = None
         if getattr(args, "track", False):
             import wandb
 
@@ -42,10 +50,11 @@ class Tracker:
                 config=config,
                 dir=str(self.run_dir),
             )
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=script, dynamic_ncols=True)
 
     def log(self, metrics: dict, step: int) -> None:
         """Log one metrics dict for optimizer step `step` (log once per step; see STYLE.md)."""
+        if not self.main:
+            return
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
         self.metrics_file.write(json.dumps({"step": step, **clean}) + "\n")
         self.metrics_file.flush()
@@ -62,11 +71,13 @@ class Tracker:
         self.bar.update(n)
 
     def write(self, message: str) -> None:
-        """Print a line without breaking the progress bar."""
-        self.bar.write(message)
+        """Print a line without breaking the progress bar (rank 0 only)."""
+        if self.main:
+            self.bar.write(message)
 
     def close(self) -> None:
-        if self.metrics_file.closed:
+        if self.metrics_file is None or self.metrics_file.closed:
+            self.bar.close()
             return
         self.bar.close()
         self.metrics_file.close()
