@@ -32,7 +32,7 @@ import tyro
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common import die
+from common import die, dist
 from common.data import (
     IGNORE_INDEX,
     check_batch_sizes,
@@ -111,9 +111,9 @@ class Args:
     max_steps: int = 400
     """optimizer steps"""
     batch_size: int = 64
-    """examples per optimizer step"""
+    """examples per optimizer step, over all processes (each of N torchrun processes takes batch_size / N)"""
     micro_batch_size: int = 64
-    """examples per forward/backward; gradient accumulation steps = batch_size / micro_batch_size"""
+    """examples per forward/backward in each process; gradient accumulation steps = batch_size / N / micro_batch_size"""
     learning_rate: float = 3e-3
     """peak learning rate of AdamW (LoRA wants ~10x the full fine-tuning rate: sft.py uses 5e-4 here)"""
     weight_decay: float = 0.0
@@ -281,24 +281,30 @@ def lora_update_ratio(wrapped: dict[str, LoRALinear], base_norms: dict[str, floa
     ratios = []
     for name, m in wrapped.items():
         with torch.no_grad():
-            sq = torch.trace((m.lora_B.T @ m.lora_B) @ (m.lora_A @ m.lora_A.T)).clamp_min(0)
+            A, B = dist.full_tensor(m.lora_A), dist.full_tensor(m.lora_B)  # (r, in), (out, r): small
+            sq = torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0)
         ratios.append(m.scaling * sq.sqrt().item() / base_norms[name])
     return sum(ratios) / len(ratios)
 
 
 def adapter_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r)."""
+    """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r).
+    Under torchrun a collective (sharded adapters are gathered)."""
     out = {}
     for name, m in wrapped.items():
-        out[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().float().cpu().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().float().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_A.weight"] = dist.full_tensor(m.lora_A.detach()).float().cpu().contiguous()
+        out[f"base_model.model.{name}.lora_B.weight"] = dist.full_tensor(m.lora_B.detach()).float().cpu().contiguous()
     return out
 
 
 def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, tokenizer=None) -> Path:
     """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors (+ the tokenizer), written to
-    `out_dir.tmp` and renamed into place (as common.model.save_model)."""
+    `out_dir.tmp` and renamed into place (as common.model.save_model). Under torchrun every rank calls it; rank 0
+    writes."""
     out_dir = Path(out_dir)
+    state = adapter_state_dict(wrapped)
+    if not dist.is_main():
+        return out_dir
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -318,7 +324,7 @@ def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, toke
         "inference_mode": True,
     }
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file(adapter_state_dict(wrapped), str(tmp / "adapter_model.safetensors"))
+    save_file(state, str(tmp / "adapter_model.safetensors"))
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -363,7 +369,9 @@ def tensor_bytes(tensors) -> int:
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
-    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    dist.init()  # torchrun: join the other processes (nothing for `python lora.py`)
+    rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.lr_schedule not in ("cosine", "linear", "constant"):
         die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
     if args.lora_r < 1:
@@ -395,7 +403,8 @@ def main(args: Args) -> None:
         load_adapter(ckpt, wrapped)
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-    trainable = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]
+    model = dist.wrap(model, train=True, mixed_precision=False)  # torchrun: FSDP2 shards base and adapters alike
+    trainable = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]  # (sharded, under torchrun)
     num_trainable = sum(p.numel() for p in trainable)
     num_total = sum(p.numel() for p in model.parameters()) + sum(
         math.prod(m.base.weight_shape) for m in wrapped.values() if isinstance(m.base, QuantizedLinear)
@@ -413,13 +422,15 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
     )
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
-    if not ckpt:
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="lora", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step  |  "
+        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
+        + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
+        + "  |  "
         f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} linear layers: {num_trainable:,} trainable of "
         f"{num_total:,} parameters ({100 * num_trainable / num_total:.2f}%) on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
@@ -439,13 +450,17 @@ def main(args: Args) -> None:
         model.eval()
         if eval_examples:
             nll, tokens = 0.0, 0
-            for mb in micro_batches(
-                eval_examples, list(range(len(eval_examples))), args.micro_batch_size, tokenizer.pad_token_id
-            ):
-                mb = {k: v.to(device) for k, v in mb.items()}
-                n = count_loss_tokens([mb])
-                nll += sft_loss(token_logprobs(model, mb["input_ids"], mb["attention_mask"]), mb["labels"], n)[1].item()
-                tokens += n
+            mine = dist.strided(list(range(len(eval_examples))))  # each process takes every N-th example
+            with dist.unsharded(model):
+                for mb in (
+                    micro_batches(eval_examples, mine, args.micro_batch_size, tokenizer.pad_token_id) if mine else []
+                ):
+                    mb = {k: v.to(device) for k, v in mb.items()}
+                    n = count_loss_tokens([mb])
+                    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+                    nll += sft_loss(logps, mb["labels"], n)[1].item()
+                    tokens += n
+            nll, tokens = dist.all_reduce([nll, tokens])
             metrics["eval/loss"] = nll / max(1, tokens)
         model.train()
         if eval_records:
@@ -467,14 +482,15 @@ def main(args: Args) -> None:
 
     for step in range(start_step, args.max_steps):
         t0 = time.time()
-        # ALGO LOGIC: exactly sft.py's step; only the adapters receive gradients
+        # ALGO LOGIC: exactly sft.py's step (each process its slice, the normalizer over all); only the adapters
+        # receive gradients
         batches = micro_batches(
             train_examples,
-            step_indices(len(train_examples), args.batch_size, step, args.seed),
+            step_indices(len(train_examples), args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             tokenizer.pad_token_id,
         )
-        num_loss_tokens = count_loss_tokens(batches)
+        num_loss_tokens = int(dist.all_reduce(count_loss_tokens(batches)))
         nll_sum, num_tokens = 0.0, 0
         for mb in batches:
             mb = {k: v.to(device) for k, v in mb.items()}
@@ -483,8 +499,9 @@ def main(args: Args) -> None:
             loss.backward()
             nll_sum += nll.item()
             num_tokens += int(mb["attention_mask"].sum())
+        nll_sum, num_tokens = dist.all_reduce([nll_sum, num_tokens])
         train_loss = nll_sum / num_loss_tokens
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm).item()
+        grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             tracker.close()
@@ -529,12 +546,21 @@ def main(args: Args) -> None:
             scheduler,
             save_fn=lambda d: save_adapter(d, wrapped, args),
         )
-    if args.merge:
+    if args.merge and dist.world_size() == 1:
         merged = save_model(merge_lora(model, wrapped), tokenizer, run_dir / "merged")
         tracker.write(f"merged model: {merged}")
+    elif args.merge:  # sharded: rank 0 rebuilds the base on the CPU, adds the saved adapters and merges
+        if dist.is_main():
+            base = load_model(args.model, dtype=args.dtype, device="cpu")
+            base_wrapped = add_lora(base, names, args)
+            load_adapter(final, base_wrapped)
+            merged = save_model(merge_lora(base, base_wrapped), tokenizer, run_dir / "merged")
+            tracker.write(f"merged model: {merged}")
+        dist.barrier()
     tracker.close()
     last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
-    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+    if dist.is_main():
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ completions (off-policy), the remedy when the student's samples start far from t
     python opd.py                                                     # the tiny world: tiny-base <- tiny-teacher
     python opd.py --model Qwen/Qwen3-0.6B --teacher Qwen/Qwen3-8B --dataset prompts.jsonl --eval-prompts '' \\
         --teacher-dtype bfloat16 --max-new-tokens 512 --micro-batch-size 8
+
+Under `torchrun --nproc_per_node=N opd.py ...` each process samples and trains on prompts_per_step / N prompts,
+the loss normalized by all processes' completion tokens; `--shard-frozen` shards the teacher too.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from typing import Literal
 import torch
 import tyro
 
-from common import die
+from common import die, dist
 from common.data import read_jsonl, require_fields, step_indices
 from common.generation import generate
-from common.logprobs import completion_logprobs, lm_head_params, masked_mean
+from common.logprobs import completion_logprobs, lm_head_params
 from common.model import load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
@@ -62,6 +65,9 @@ class Args:
     """student dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
     teacher_dtype: str = "auto"
     """teacher dtype (e.g. bfloat16 to halve a large teacher's memory)"""
+    shard_frozen: bool = False
+    """under torchrun: shard the teacher with FSDP2 (1/N of its memory per GPU, an all-gather per forward) instead
+    of a full copy per GPU; --objective full gathers it for each update"""
     gradient_checkpointing: bool = False
     """recompute the student's activations in backward to save memory"""
     # data
@@ -80,6 +86,9 @@ class Args:
     """completion budget"""
     temperature: float = 1.0
     """sampling temperature; both models' log-probs are taken at this temperature"""
+    generation_batch_size: int | None = None
+    """completions per generate call in each process (default: all of the process's completions of the step);
+    call k of process r samples with seed (seed, step) + its global index"""
     # objective
     objective: Literal["sampled", "full"] = "sampled"
     """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab"""
@@ -95,7 +104,7 @@ class Args:
     max_steps: int = 100
     """on-policy steps (rollout batches), after the cold start"""
     micro_batch_size: int = 64
-    """completions per forward/backward (gradient accumulation)"""
+    """completions per forward/backward in each process (gradient accumulation)"""
     learning_rate: float = 1e-4
     """AdamW learning rate (constant after warmup)"""
     warmup_steps: int = 5
@@ -204,6 +213,11 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
     """The teacher's log-prob of each student-sampled token and whether it is in the teacher's top-1 / top-5:
     (B, L) each, from its logits one micro-batch at a time."""
+    args = (prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
+    return dist.root_forward(teacher, _teacher_token_stats, *args)  # a sharded teacher's head is gathered
+
+
+def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
     hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias, softcap, multiplier = lm_head_params(teacher)
     z = (hidden @ weight.t()).float() + (0 if bias is None else bias.float())
@@ -215,8 +229,31 @@ def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, comple
     return chosen, rank < 1, rank < 5
 
 
+def full_reverse_kl(student, teacher, part, temperature, chunk_size):
+    """Per-token exact reverse KL (B, L) of a micro-batch (`--objective full`). Runs as the student's forward
+    (`dist.root_forward`); a sharded teacher must be gathered around it and its backward (`dist.unsharded`)."""
+    s_hidden = completion_hidden(student, *part)
+    with torch.no_grad():
+        t_hidden = completion_hidden(teacher, *part)
+    sw, sb, _, s_mult = lm_head_params(student)
+    tw, tb, _, t_mult = lm_head_params(teacher)
+    if s_mult != 1.0 or t_mult != 1.0:
+        die("--objective full does not support logit-scaled heads (Cohere, Granite) yet")
+    b, L = s_hidden.shape[:2]
+    return ChunkedReverseKL.apply(
+        s_hidden.reshape(b * L, -1), sw, sb, t_hidden.reshape(b * L, -1), tw, tb, temperature, chunk_size
+    ).view(b, L)
+
+
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
+    dist.init()  # torchrun: join the other processes (nothing for `python opd.py`)
+    rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
+    world = dist.world_size()
+    n = args.prompts_per_step * args.group_size // world  # this process's completions per step
+    gen_batch = args.generation_batch_size or n
+    if n % gen_batch:
+        die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
     if args.num_iterations > 1 and args.objective == "full":
         die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
     prompts = read_jsonl(args.dataset)
@@ -229,21 +266,24 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     student = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    student = dist.wrap(student, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(student.parameters()).device
     teacher = load_model(args.teacher, dtype=args.teacher_dtype, device=device).eval().requires_grad_(False)
+    teacher = dist.wrap(teacher, train=False, shard=args.shard_frozen)
     if lm_head_params(student)[2] is not None and args.objective == "full":
         die("--objective full does not support soft-capped heads (Gemma-2); use --objective sampled")
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     total_steps = args.cold_start_steps + args.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=0)
-    n = args.prompts_per_step * args.group_size
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
         f"teacher {args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M)  |  objective "
-        f"{args.objective}, {n} completions/step"
+        f"{args.objective}, {n * world} completions/step"
+        + (f" ({n} in each of {world} processes)" if world > 1 else "")
         + (f", {args.cold_start_steps} cold-start SFT steps" if args.cold_start_steps else "")
     )
 
@@ -263,7 +303,7 @@ def main(args: Args) -> None:
         t0 = time.time()
         cold = step < args.cold_start_steps
         # ROLLOUT: the student samples (or, in the cold start, the teacher does); depends only on (seed, step)
-        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)]
+        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank_prompts]]
         sampler = teacher if cold else student
         student.eval()
         out = generate(
@@ -273,8 +313,9 @@ def main(args: Args) -> None:
             n=args.group_size,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
-            batch_size=n,
-            seed=args.seed * 1_000_003 + step,
+            batch_size=gen_batch,
+            seed=args.seed * 1_000_003 + step + dist.rank() * (n // gen_batch),
+            seed_each_batch=True,
         )
         seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]
         mask = out["completion_mask"].float().to(device)
@@ -293,76 +334,63 @@ def main(args: Args) -> None:
 
         # ALGO LOGIC: cold start = SFT on the teacher's samples; then the chosen on-policy objective
         student.train()
-        n_tok = mask.sum().clamp_min(1)
+        n_tok = max(1.0, dist.all_reduce(float(mask.sum())))  # over all processes
         losses, kls, grad_norms = [], [], []
-        for _ in range(1 if cold else args.num_iterations):
-            loss_sum, kl_sum = 0.0, 0.0
-            for s in range(0, n, args.micro_batch_size):
-                part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
-                m = mask[s : s + args.micro_batch_size]
-                if cold:
-                    tok_loss = -completion_logprobs(student, *part, args.temperature)
-                elif args.objective == "sampled":
-                    logps = completion_logprobs(student, *part, args.temperature)
-                    tok_loss = sampled_token_loss(
-                        logps,
-                        old_logps[s : s + args.micro_batch_size],
-                        teacher_logps[s : s + args.micro_batch_size],
-                        args.epsilon,
+        full = args.objective == "full" and not cold
+        with dist.unsharded(teacher if full else None):  # the full KL reads the teacher's head in its backward
+            for _ in range(1 if cold else args.num_iterations):
+                loss_sum, kl_sum = 0.0, 0.0
+                for s in range(0, n, args.micro_batch_size):
+                    part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
+                    m = mask[s : s + args.micro_batch_size]
+                    if cold:
+                        tok_loss = -completion_logprobs(student, *part, args.temperature)
+                    elif args.objective == "sampled":
+                        logps = completion_logprobs(student, *part, args.temperature)
+                        tok_loss = sampled_token_loss(
+                            logps,
+                            old_logps[s : s + args.micro_batch_size],
+                            teacher_logps[s : s + args.micro_batch_size],
+                            args.epsilon,
+                        )
+                    else:
+                        tok_loss = dist.root_forward(
+                            student, full_reverse_kl, teacher, part, args.temperature, args.kl_chunk_size
+                        )
+                        kl_sum += float((tok_loss.detach() * m).sum())
+                    loss = (tok_loss * m).sum() / n_tok
+                    loss.backward()
+                    loss_sum += loss.item()
+                loss_sum, kl_sum = dist.all_reduce([loss_sum, kl_sum])
+                grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm))
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                    tracker.close()
+                    die(
+                        f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; no update applied"
                     )
-                else:
-                    s_hidden = completion_hidden(student, *part)
-                    with torch.no_grad():
-                        t_hidden = completion_hidden(teacher, *part)
-                    sw, sb, _, s_mult = lm_head_params(student)
-                    tw, tb, _, t_mult = lm_head_params(teacher)
-                    if s_mult != 1.0 or t_mult != 1.0:
-                        die("--objective full does not support logit-scaled heads (Cohere, Granite) yet")
-                    b, L = s_hidden.shape[:2]
-                    tok_loss = ChunkedReverseKL.apply(
-                        s_hidden.reshape(b * L, -1),
-                        sw,
-                        sb,
-                        t_hidden.reshape(b * L, -1),
-                        tw,
-                        tb,
-                        args.temperature,
-                        args.kl_chunk_size,
-                    ).view(b, L)
-                    kl_sum += float((tok_loss.detach() * m).sum())
-                loss = (tok_loss * m).sum() / n_tok
-                loss.backward()
-                loss_sum += loss.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm).item()
-            if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                tracker.close()
-                die(
-                    f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; no update applied"
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss_sum)
-            kls.append(kl_sum / float(n_tok))
-            grad_norms.append(grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss_sum)
+                kls.append(kl_sum / float(n_tok))
+                grad_norms.append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
 
         # reverse KL per token: exact with --objective full, else the sampled estimate E[log pi_S - log pi_T]
-        reverse_kl = (
-            kls[0] if (args.objective == "full" and not cold) else masked_mean(old_logps - teacher_logps, mask).item()
-        )
+        reverse_kl = kls[0] if full else dist.masked_mean(old_logps - teacher_logps, mask)
+        lengths = dist.all_gather(out["completion_mask"].sum(1).float())
         metrics = {
             "train/loss": sum(losses) / len(losses),
             "train/phase": 0.0 if cold else 1.0,
             "train/reverse_kl": reverse_kl,
-            "train/teacher_logp": masked_mean(teacher_logps, mask).item(),
-            "train/student_logp": masked_mean(old_logps, mask).item(),
-            "train/overlap_top1": masked_mean(top1, mask).item(),
-            "train/overlap_top5": masked_mean(top5, mask).item(),
+            "train/teacher_logp": dist.masked_mean(teacher_logps, mask),
+            "train/student_logp": dist.masked_mean(old_logps, mask),
+            "train/overlap_top1": dist.masked_mean(top1, mask),
+            "train/overlap_top5": dist.masked_mean(top5, mask),
             "train/grad_norm": sum(grad_norms) / len(grad_norms),
             "train/lr": lr,
-            "rollout/completion_len": out["completion_mask"].sum(1).float().mean().item(),
-            "perf/gen_tokens_per_s": float(out["completion_mask"].sum()) / max(gen_s, 1e-9),
+            "rollout/completion_len": lengths.mean().item(),
+            "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/step_s": time.time() - t0,
             "perf/peak_mem_gb": peak_memory_gb(device),
         }
@@ -376,7 +404,8 @@ def main(args: Args) -> None:
 
     final = save_model(student, tokenizer, run_dir / "final")
     tracker.close()
-    print(f"saved {final}")
+    if dist.is_main():
+        print(f"saved {final}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ model (default) or from the policy with a fresh head; it reads a value at every 
     python ppo.py                                                     # the tiny world with assets/tiny-rm
     python ppo.py --model runs/<sft run>/final --reward-model runs/<rm run>/final --dataset prompts.jsonl \\
         --eval-prompts '' --prompts-per-step 64 --max-new-tokens 256 --micro-batch-size 8 --stop-token eos
+
+Under `torchrun --nproc_per_node=N ppo.py ...` each process samples, scores and trains on prompts_per_step / N
+prompts; token counts, advantage whitening and metrics are taken over all processes.
 """
 
 from __future__ import annotations
@@ -31,10 +34,10 @@ import torch
 import tyro
 from transformers import AutoModelForSequenceClassification
 
-from common import die
+from common import die, dist
 from common.data import IGNORE_INDEX, collate, read_jsonl, require_fields, step_indices, tokenize_pair_side
 from common.generation import generate
-from common.logprobs import completion_logprobs, masked_mean, masked_var, masked_whiten
+from common.logprobs import completion_logprobs
 from common.model import last_token_scores, load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
 from common.rewards import compute_rewards, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
@@ -67,6 +70,9 @@ class Args:
     """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (policy and value model)"""
+    shard_frozen: bool = False
+    """under torchrun: shard the reference and reward model with FSDP2 (1/N of their memory per GPU, an all-gather
+    per forward) instead of a full copy per GPU"""
     # data and rewards
     dataset: str = "assets/data/prompts.jsonl"
     """training prompts: JSONL of {prompt[, answer]} records (prompt: string or message list)"""
@@ -92,6 +98,9 @@ class Args:
     """nucleus sampling"""
     stop_token: str | None = None
     """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
+    generation_batch_size: int | None = None
+    """completions per generate call in each process (default: all of the process's completions of the step);
+    call k of process r samples with seed (seed, step) + its global index"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of completions that never end (no EOS or stop token within the budget)"""
     # PPO
@@ -102,7 +111,7 @@ class Args:
     num_minibatches: int = 1
     """optimizer steps per pass (the rollout batch is cut into this many minibatches)"""
     micro_batch_size: int = 64
-    """completions per forward/backward inside a minibatch (gradient accumulation)"""
+    """completions per forward/backward inside a minibatch, in each process (gradient accumulation)"""
     learning_rate: float = 3e-5
     """AdamW learning rate of policy and value model (constant after warmup)"""
     warmup_steps: int = 5
@@ -193,6 +202,10 @@ def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_s
 
 def token_values(value_model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     """V(s_t) for each completion token t: the value head on the hidden state just before t. (B, L) fp32."""
+    return dist.root_forward(value_model, _token_values, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def _token_values(value_model, prompt_ids, prompt_mask, completion_ids, completion_mask):
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -201,6 +214,22 @@ def token_values(value_model, prompt_ids, prompt_mask, completion_ids, completio
     ).last_hidden_state  # (B, P+L, H)
     P, L = prompt_ids.shape[1], completion_ids.shape[1]
     return value_model.score(hidden[:, P - 1 : P + L - 1]).squeeze(-1).float()
+
+
+def masked_moments(x, mask) -> tuple[float, float]:
+    """Mean and unbiased variance of x over mask == 1, over every process's batch (one process: the same as
+    common.logprobs.masked_mean / masked_var)."""
+    n, total = dist.all_reduce([float(mask.sum()), float((x * mask).sum())])
+    mean = total / max(n, 1.0)
+    squares = dist.all_reduce(float(((x - mean) ** 2 * mask).sum()))
+    return mean, squares / max(n - 1, 1.0)
+
+
+def whiten(x, mask, shift_mean=True, eps=1e-8):
+    """(x - mean) / std over mask == 1 of every process's batch; with shift_mean=False the mean is added back."""
+    mean, var = masked_moments(x, mask)
+    whitened = (x - mean) * (var + eps) ** -0.5
+    return whitened if shift_mean else whitened + mean
 
 
 def apply_stop_token(completion_ids, completion_mask, stop_id):
@@ -232,11 +261,17 @@ def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
-    n = args.prompts_per_step * args.group_size
+    dist.init()  # torchrun: join the other processes (nothing for `python ppo.py`)
+    rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
+    world = dist.world_size()
+    n = args.prompts_per_step * args.group_size // world  # this process's completions per step
     if n % args.num_minibatches:
         die(f"--num-minibatches {args.num_minibatches} does not divide the rollout batch ({n} completions)")
     if (n // args.num_minibatches) % args.micro_batch_size and args.micro_batch_size < n // args.num_minibatches:
         die(f"--micro-batch-size {args.micro_batch_size} does not divide the minibatch ({n // args.num_minibatches})")
+    gen_batch = args.generation_batch_size or n
+    if n % gen_batch:
+        die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
     if args.target_kl is not None and args.target_kl <= 0:
         die(f"--target-kl must be positive, got {args.target_kl}")
     use_rm = not args.reward_fn
@@ -262,8 +297,10 @@ def main(args: Args) -> None:
             die(f"--stop-token {args.stop_token!r} is {len(stop_ids)} tokens for this tokenizer; it must be one")
         stop_id = stop_ids[0]
     policy = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
     ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
     reward_model = rm_tokenizer = None
     if use_rm:
         rm_tokenizer = load_tokenizer(args.reward_model)
@@ -271,6 +308,7 @@ def main(args: Args) -> None:
             args.reward_model, dtype=args.dtype, device=device, model_class=AutoModelForSequenceClassification
         )
         reward_model.eval().requires_grad_(False)
+        reward_model = dist.wrap(reward_model, train=False, shard=args.shard_frozen)
     value_source = args.reward_model if value_init == "reward_model" else args.model
     value_model = load_model(
         value_source,
@@ -283,17 +321,21 @@ def main(args: Args) -> None:
     if value_init == "policy":
         with torch.no_grad():  # a fresh head that starts at V = 0 (no prior on the scores)
             value_model.score.weight.zero_()
+    value_model = dist.wrap(value_model, train=True)
     policy.train()
     value_model.train()
     optimizer = torch.optim.AdamW(
         [*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, fused=device.type == "cuda"
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=0)
     tracker.write(
-        f"run: {run_dir}  |  {len(prompts)} prompts, {n} completions/step, {args.ppo_epochs} epochs x "
+        f"run: {run_dir}  |  {len(prompts)} prompts, {n * world} completions/step"
+        + (f" ({n} in each of {world} processes)" if world > 1 else "")
+        + f", {args.ppo_epochs} epochs x "
         f"{args.num_minibatches} minibatches  |  scores from "
         + (f"reward model {args.reward_model}" if use_rm else f"reward functions {', '.join(args.reward_fn)}")
         + f"  |  value model from {value_init.replace('_', ' ')} ({value_source})"
@@ -316,7 +358,7 @@ def main(args: Args) -> None:
         t0 = time.time()
         # ROLLOUT: prompts and samples depend only on (seed, step)
         policy.eval()
-        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)]
+        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank_prompts]]
         out = generate(
             policy,
             tokenizer,
@@ -325,8 +367,9 @@ def main(args: Args) -> None:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
-            batch_size=n,
-            seed=args.seed * 1_000_003 + step,
+            batch_size=gen_batch,
+            seed=args.seed * 1_000_003 + step + dist.rank() * (n // gen_batch),
+            seed_each_batch=True,
         )
         prompt_ids, prompt_mask, completion_ids = out["prompt_ids"], out["prompt_mask"], out["completion_ids"]
         mask, texts, ended = out["completion_mask"], out["texts"], ~out["truncated"]
@@ -368,9 +411,9 @@ def main(args: Args) -> None:
         # ALGO LOGIC: KL-penalized per-token rewards, GAE, whitened advantages
         rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores.to(device), kl_coef)
         if args.whiten_rewards:
-            rewards = masked_whiten(rewards, mask_d, shift_mean=False) * mask_d
+            rewards = whiten(rewards, mask_d, shift_mean=False) * mask_d
         advantages, returns = gae(rewards, old_values, mask_d, args.gamma, args.lam)
-        advantages = masked_whiten(advantages, mask_d) * mask_d
+        advantages = whiten(advantages, mask_d) * mask_d
 
         # PPO UPDATES: ppo_epochs x num_minibatches optimizer steps; each minibatch's token-mean loss is accumulated
         # over micro-batches with the minibatch's token count as the normalizer
@@ -385,7 +428,7 @@ def main(args: Args) -> None:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + epoch))
             for m0 in range(0, n, minibatch):
                 rows = order[m0 : m0 + minibatch]
-                n_tok = mask_d[rows].sum().clamp_min(1)
+                n_tok = max(1.0, dist.all_reduce(float(mask_d[rows].sum())))  # the minibatch's, over all processes
                 sums = dict.fromkeys(("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy"), 0.0)
                 for u0 in range(0, len(rows), mb_size):
                     mb = rows[u0 : u0 + mb_size]
@@ -405,9 +448,12 @@ def main(args: Args) -> None:
                         sums["approx_kl"] += ((0.5 * (logps - old_logps[mb]) ** 2 * m).sum() / n_tok).item()
                         sums["entropy"] += ((entropy * m).sum() / n_tok).item()
                     train_tokens += int(part[1].sum() + part[3].sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    [*policy.parameters(), *value_model.parameters()], args.max_grad_norm
-                ).item()
+                sums = dict(zip(sums, dist.all_reduce(list(sums.values()))))
+                grad_norm = dist.grad_norm(
+                    torch.nn.utils.clip_grad_norm_(
+                        [*policy.parameters(), *value_model.parameters()], args.max_grad_norm
+                    )
+                )
                 if not (math.isfinite(sums["pg_loss"]) and math.isfinite(sums["vf_loss"]) and math.isfinite(grad_norm)):
                     tracker.close()
                     die(f"non-finite loss or gradient norm at step {step + 1}; no update applied, nothing saved")
@@ -418,27 +464,32 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        train_tokens = dist.all_reduce(train_tokens)
         train_s = time.time() - t1
 
-        # METRICS; then the adaptive KL controller sees this batch's KL
-        kl_per_seq = ((old_logps - ref_logps) * mask_d).sum(1)  # (n,) k1 summed over each completion
-        explained = 1 - masked_var(returns - old_values, mask_d) / masked_var(returns, mask_d).clamp_min(1e-8)
-        lengths = mask.sum(1).float()
+        # METRICS (over every process's rollouts); then the adaptive KL controller sees this batch's KL
+        kl_per_seq = dist.all_gather(((old_logps - ref_logps) * mask_d).sum(1))  # (N,) k1 summed over a completion
+        non_score_per_seq = dist.all_gather(non_score.sum(1))
+        all_scores, raw_scores = dist.all_gather(scores.to(device)), dist.all_gather(raw_scores)
+        value_mean, _ = masked_moments(old_values, mask_d)
+        returns_mean, returns_var = masked_moments(returns, mask_d)
+        explained = 1 - masked_moments(returns - old_values, mask_d)[1] / max(returns_var, 1e-8)
+        lengths = dist.all_gather(mask.sum(1).float())
         metrics = {
             "rollout/score_mean": raw_scores.mean().item(),
-            "rollout/score_std": raw_scores.std().item() if n > 1 else 0.0,
-            "rollout/reward_mean": (scores.to(device) + non_score.sum(1)).mean().item(),
+            "rollout/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
+            "rollout/reward_mean": (all_scores + non_score_per_seq).mean().item(),
             "rollout/completion_len": lengths.mean().item(),
-            "rollout/no_eos_frac": (~ended).float().mean().item(),
+            "rollout/no_eos_frac": dist.all_gather((~ended).float()).mean().item(),
             "train/kl": kl_per_seq.mean().item(),
             "train/kl_coef": kl_coef,
-            "train/non_score_reward": non_score.sum(1).mean().item(),
+            "train/non_score_reward": non_score_per_seq.mean().item(),
             **{f"train/{k}": sum(v) / len(v) for k, v in stats.items()},
-            "train/value_mean": masked_mean(old_values, mask_d).item(),
-            "train/returns_mean": masked_mean(returns, mask_d).item(),
-            "train/explained_variance": explained.item(),
+            "train/value_mean": value_mean,
+            "train/returns_mean": returns_mean,
+            "train/explained_variance": explained,
             "train/lr": lr,
-            "perf/gen_tokens_per_s": float(mask.sum()) / max(gen_s, 1e-9),
+            "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
             "perf/step_s": time.time() - t0,
             "perf/peak_mem_gb": peak_memory_gb(device),
@@ -446,19 +497,20 @@ def main(args: Args) -> None:
         if not use_rm:
             metrics["rollout/reward/" + "+".join(args.reward_fn)] = raw_scores.mean().item()
         if args.target_kl is not None:
-            kl_coef = adaptive_kl_coef(kl_coef, metrics["train/kl"], args.target_kl, args.kl_horizon, n)
+            kl_coef = adaptive_kl_coef(kl_coef, metrics["train/kl"], args.target_kl, args.kl_horizon, n * world)
         done = step + 1
         if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
             metrics.update(evaluation())
         tracker.log(metrics, step=done)
         tracker.step()
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            save_checkpoint(run_dir, done, policy, tokenizer, optimizer, scheduler)
+            save_checkpoint(run_dir, done, policy, tokenizer, None, scheduler)  # for evaluation: no --resume yet
 
     final = save_model(policy, tokenizer, run_dir / "final")
     save_model(value_model, tokenizer, run_dir / "value_model")
     tracker.close()
-    print(f"saved {final} (and the value model in {run_dir / 'value_model'})")
+    if dist.is_main():
+        print(f"saved {final} (and the value model in {run_dir / 'value_model'})")
 
 
 if __name__ == "__main__":

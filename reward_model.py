@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import tyro
 from transformers import AutoModelForSequenceClassification
 
-from common import die
+from common import die, dist
 from common.data import check_batch_sizes, load_preference_dataset, pair_micro_batches, step_indices
 from common.model import (
     find_checkpoint,
@@ -78,9 +78,9 @@ class Args:
     max_steps: int = 1000
     """optimizer steps"""
     batch_size: int = 32
-    """preference pairs per optimizer step"""
+    """preference pairs per optimizer step, over all processes (each of N torchrun processes takes batch_size / N)"""
     micro_batch_size: int = 32
-    """pairs per forward/backward (2x rows: chosen and rejected in one forward)"""
+    """pairs per forward/backward in each process (2x rows: chosen and rejected in one forward)"""
     learning_rate: float = 3e-4
     """peak learning rate of AdamW"""
     weight_decay: float = 0.0
@@ -120,7 +120,9 @@ def pair_metrics(prefix: str, losses, chosen_rewards, rejected_rewards) -> dict:
 
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
-    grad_accum_steps = check_batch_sizes(args.batch_size, args.micro_batch_size)
+    dist.init()  # torchrun: join the other processes (nothing for `python reward_model.py`)
+    rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.center_rewards_coef < 0:
         die(f"--center-rewards-coef must be >= 0, got {args.center_rewards_coef}")
     ckpt = find_checkpoint(args.resume) if args.resume else None
@@ -143,6 +145,7 @@ def main(args: Args) -> None:
         num_labels=1,
     )
     model.config.pad_token_id = pad_id  # what transformers' own pooling needs when others load the checkpoint
+    model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
     model.train()
 
@@ -156,13 +159,15 @@ def main(args: Args) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
-    start_step = load_trainer_state(ckpt, optimizer, scheduler)["step"] if ckpt else 0
-    if not ckpt:
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="reward_model", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step, "
+        f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step"
+        + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
+        + ", "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
@@ -173,14 +178,17 @@ def main(args: Args) -> None:
             return {}
         model.eval()
         parts = []
-        for mb in pair_micro_batches(eval_pairs, list(range(len(eval_pairs))), args.micro_batch_size, pad_id):
-            mb = {k: v.to(device) for k, v in mb.items()}
-            scores = last_token_scores(model, mb["input_ids"], mb["attention_mask"])  # (2b,)
-            b = len(mb["index"])
-            losses = reward_loss(scores[:b], scores[b:], mb["margin"], args.center_rewards_coef)
-            parts.append((losses, scores[:b], scores[b:]))
+        mine = dist.strided(list(range(len(eval_pairs))))  # each process scores every N-th pair
+        with dist.unsharded(model):
+            for mb in pair_micro_batches(eval_pairs, mine, args.micro_batch_size, pad_id) if mine else []:
+                mb = {k: v.to(device) for k, v in mb.items()}
+                scores = last_token_scores(model, mb["input_ids"], mb["attention_mask"])  # (2b,)
+                b = len(mb["index"])
+                losses = reward_loss(scores[:b], scores[b:], mb["margin"], args.center_rewards_coef)
+                parts.append((losses, scores[:b], scores[b:]))
         model.train()
-        return pair_metrics("eval", *[torch.cat(p) for p in zip(*parts)])
+        local = [torch.cat(p) for p in zip(*parts)] if parts else [torch.zeros(0)] * 3
+        return pair_metrics("eval", *[dist.all_gather(t) for t in local])
 
     if start_step == 0:  # every run shows its starting point
         start = evaluation()
@@ -190,10 +198,11 @@ def main(args: Args) -> None:
     for step in range(start_step, args.max_steps):
         t0 = time.time()
         # ALGO LOGIC: pairs chosen by (seed, batch_size, step); chosen and rejected scored in one forward; the summed
-        # per-pair losses are divided by the step's pair count, so accumulation gives the full-batch gradient.
+        # per-pair losses are divided by the step's pair count (over all processes; each takes its slice), so
+        # accumulation and N processes give the full-batch gradient.
         batches = pair_micro_batches(
             train_pairs,
-            step_indices(len(train_pairs), args.batch_size, step, args.seed),
+            step_indices(len(train_pairs), args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             pad_id,
         )
@@ -206,8 +215,9 @@ def main(args: Args) -> None:
             (losses.sum() / args.batch_size).backward()
             parts.append((losses.detach(), scores[:b].detach(), scores[b:].detach()))
             num_tokens += int(mb["attention_mask"].sum())
-        metrics = pair_metrics("train", *[torch.cat(p) for p in zip(*parts)])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm).item()
+        metrics = pair_metrics("train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)])
+        num_tokens = dist.all_reduce(num_tokens)
+        grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
             tracker.close()
@@ -244,7 +254,8 @@ def main(args: Args) -> None:
         save_checkpoint(run_dir, args.max_steps, model, tokenizer, optimizer, scheduler)
     tracker.close()
     last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
-    print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
+    if dist.is_main():
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 if __name__ == "__main__":

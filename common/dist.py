@@ -86,6 +86,12 @@ def all_reduce(values, op: str = "sum"):
     return out[0] if scalar else out
 
 
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean of x over mask == 1 on every rank's tensors (one process: `common.logprobs.masked_mean`)."""
+    total, count = all_reduce([float((x * mask).sum()), float(mask.sum())])
+    return total / max(count, 1.0)
+
+
 def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate along dim 0 the tensors of all ranks, in rank order (the first dimension may differ)."""
     if world_size() == 1:
@@ -151,16 +157,19 @@ def _call(self, fn, *args, **kwargs):
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._base is not None else t, out)
 
 
-def wrap(model, *, train: bool, shard: bool = True):
+def wrap(model, *, train: bool, shard: bool = True, mixed_precision: bool = True):
     """Shard `model` with FSDP2 (or, for a frozen model with shard=False, leave a full copy per rank). One
-    process: `model` unchanged."""
+    process: `model` unchanged. `mixed_precision=False` keeps every parameter in its own dtype (LoRA: a frozen
+    bf16 base with fp32 adapters)."""
     if world_size() == 1 or not (train or shard):
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {}
     low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if train and low_precision:  # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
+    if (
+        train and low_precision and mixed_precision
+    ):  # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=next(model.parameters()).dtype, reduce_dtype=torch.float32
         )
@@ -206,6 +215,11 @@ def unsharded(model):
         for m in fsdp_modules:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # FSDP's default: the root stays gathered
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a (possibly FSDP-sharded) parameter: a collective for a DTensor, `t` itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def full_state_dict(model) -> dict:

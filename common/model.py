@@ -110,9 +110,11 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
     """Hugging Face format (safetensors + config + tokenizer), written to `out_dir.tmp` then renamed into place,
     so a crash never leaves a half-written checkpoint where a loader would find it. Under torchrun every rank
-    calls it: a sharded model's full state dict is gathered to rank 0, which alone writes."""
+    calls it for a sharded model: its full state dict is gathered to rank 0, which alone writes (a plain model is
+    written by rank 0, with no collective)."""
     out_dir = Path(out_dir)
-    state_dict = dist.full_state_dict(model) if dist.is_sharded(model) else None  # a collective
+    sharded = dist.is_sharded(model)
+    state_dict = dist.full_state_dict(model) if sharded else None  # a collective
     if dist.is_main():
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,7 +122,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace(tmp, out_dir)
-    dist.barrier()
+    if sharded:
+        dist.barrier()
     return out_dir
 
 
@@ -142,7 +145,7 @@ def save_checkpoint(
     run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None, save_fn=None
 ) -> Path:
     """Write `checkpoints/step_{step}` atomically: the model in HF format (or whatever `save_fn(dir)` writes, e.g.
-    only LoRA adapters) plus optimizer, scheduler and RNG state.
+    only LoRA adapters) plus optimizer (unless None), scheduler and RNG state.
 
     Under torchrun (every rank calls it): the gathered model and `trainer_state.pt` come from rank 0, the sharded
     optimizer state from every rank (`optimizer/`, torch.distributed.checkpoint), each rank's RNG state in
@@ -156,8 +159,9 @@ def save_checkpoint(
         save_fn(tmp)
     else:
         save_model(model, tokenizer, tmp)
+    dist.barrier()  # rank 0's model files are in place before the other ranks write theirs
     sharded = dist.is_sharded(model)
-    if sharded:
+    if sharded and optimizer is not None:
         dist.save_optimizer(model, optimizer, tmp / "optimizer")
     rng = {
         "python": random.getstate(),
@@ -170,7 +174,7 @@ def save_checkpoint(
         state = {
             "step": step,
             "world_size": dist.world_size(),
-            "optimizer": None if sharded else optimizer.state_dict(),
+            "optimizer": None if sharded or optimizer is None else optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng,
             "extra": extra or {},
@@ -214,6 +218,8 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
             f"(this run has {dist.world_size()})"
         )
     if state["optimizer"] is None:
+        if not (Path(ckpt) / "optimizer").is_dir():
+            die(f"--resume {str(ckpt)!r}: the checkpoint has no optimizer state (it was written for evaluation only)")
         dist.load_optimizer(model, optimizer, Path(ckpt) / "optimizer")
     else:
         optimizer.load_state_dict(state["optimizer"])

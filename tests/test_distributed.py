@@ -137,3 +137,54 @@ def test_indivisible_batch_is_refused_naming_the_flag(tmp_path):
     )
     assert proc.returncode != 0
     assert "--batch-size (7) must be divisible by the number of processes (2)" in proc.stderr
+
+
+def test_reward_model_two_processes_take_the_one_process_step(tmp_path):
+    common = ["--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "2", "--eval-every", "0"]
+    common += ["--output-dir", tmp_path]
+    run_script("reward_model.py", *common, "--run-name", "one")
+    run_torchrun("reward_model.py", *common, "--run-name", "two")
+    _, m2 = assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss", "train/accuracy", "eval/accuracy"])
+    assert "eval/accuracy" in m2[-1]
+
+
+def test_ppo_two_processes_take_the_one_process_step(tmp_path):
+    # one minibatch per epoch: the minibatch is then the whole rollout in both runs (with more, each process draws
+    # its minibatches from its own rollouts)
+    common = ["--max-steps", "2", "--prompts-per-step", "8", "--micro-batch-size", "2", "--ppo-epochs", "2"]
+    common += ["--generation-batch-size", "4", "--eval-every", "0", "--eval-prompts", "", "--output-dir", tmp_path]
+    run_script("ppo.py", *common, "--run-name", "one")
+    run_torchrun("ppo.py", *common, "--shard-frozen", "--run-name", "two")
+    keys = ["train/vf_loss", "train/kl", "train/grad_norm", "rollout/score_mean", "train/explained_variance"]
+    _, m2 = assert_same_run(tmp_path / "one", tmp_path / "two", keys)
+    assert max_param_diff(tmp_path / "one" / "value_model", tmp_path / "two" / "value_model") <= 1e-5
+    assert "train/vf_loss" in m2[-1]
+
+
+@pytest.mark.parametrize("objective", ["sampled", "full"])
+def test_opd_two_processes_take_the_one_process_step(tmp_path, objective):
+    common = ["--max-steps", "2", "--prompts-per-step", "8", "--group-size", "2", "--micro-batch-size", "4"]
+    common += ["--generation-batch-size", "8", "--objective", objective, "--eval-every", "0", "--eval-prompts", ""]
+    common += ["--output-dir", tmp_path]
+    run_script("opd.py", *common, "--run-name", "one")
+    run_torchrun("opd.py", *common, "--shard-frozen", "--run-name", "two")
+    _, m2 = assert_same_run(
+        tmp_path / "one", tmp_path / "two", ["train/loss", "train/reverse_kl", "train/overlap_top1"]
+    )
+    assert m2[-1]["train/loss"] != 0
+
+
+def test_lora_nf4_two_processes_take_the_one_process_step(tmp_path):
+    common = ["--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "2", "--quantize", "nf4", "--merge"]
+    common += ["--eval-every", "0", "--eval-prompts", "", "--output-dir", tmp_path]
+    run_script("lora.py", *common, "--run-name", "one")
+    run_torchrun("lora.py", *common, "--run-name", "two")
+    a = load_file(tmp_path / "one" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    assert max_param_diff(tmp_path / "one" / "merged", tmp_path / "two" / "merged") <= 1e-5
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for r1, r2 in zip(m1, m2):
+        for k in ("train/loss", "train/lora_update_ratio", "eval/loss"):
+            if k in r1:
+                assert r2[k] == pytest.approx(r1[k], rel=1e-5), k
