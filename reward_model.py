@@ -83,8 +83,8 @@ class Args:
     """pairs per forward/backward in each process (2x rows: chosen and rejected in one forward)"""
     learning_rate: float = 3e-4
     """peak learning rate of AdamW"""
-    weight_decay: float = 0.0
-    """AdamW weight decay (matrices only)"""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only; 0.1 gains ~2 held-out pairs of 147 on the tiny world over 0, two seeds)"""
     warmup_steps: int = 10
     """linear warmup from 0 to the peak learning rate, then linear decay to 0"""
     max_grad_norm: float = 1.0

@@ -107,8 +107,8 @@ def test_cli_end_to_end_and_checkpoint_loads(tmp_path, random_model_dir, chat_to
 
 @pytest.mark.slow
 def test_default_reward_model_run_learns():
-    """`python reward_model.py` with no flags: held-out pair accuracy. The issue's target is 0.95; the default run
-    measures 0.939 (138 of 147, README), so this guards what is reached (>= 0.93), not the target."""
+    """`python reward_model.py` with no flags: held-out pair accuracy >= 0.95 (the issue's target; the default run
+    measures 0.952, 140 of 147, README)."""
     run_script(ROOT / "reward_model.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "rm_default_learns")
     rows = [json.loads(line) for line in (ROOT / "runs/tests/rm_default_learns/metrics.jsonl").open()]
-    assert rows[-1]["eval/accuracy"] >= 0.93
+    assert rows[-1]["eval/accuracy"] >= 0.95
