@@ -167,9 +167,8 @@ def wrap(model, *, train: bool, shard: bool = True, mixed_precision: bool = True
 
     kwargs = {}
     low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if (
-        train and low_precision and mixed_precision
-    ):  # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
+    if train and low_precision and mixed_precision:
+        # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=next(model.parameters()).dtype, reduce_dtype=torch.float32
         )
