@@ -36,7 +36,15 @@ from common import die, dist
 from common.data import read_jsonl, require_fields, step_indices
 from common.generation import generate
 from common.logprobs import completion_logprobs, lm_head_params
-from common.model import load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
+from common.model import (
+    find_checkpoint,
+    load_model,
+    load_tokenizer,
+    load_trainer_state,
+    lr_lambda,
+    save_checkpoint,
+    save_model,
+)
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -115,7 +123,10 @@ class Args:
     eval_every: int = 25
     """evaluate every N steps (0: only before the first and after the last step)"""
     save_every: int = 0
-    """write checkpoints/step_N every N steps (0: only final/)"""
+    """write checkpoints/step_N every N steps for --resume (0: only final/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from (same --max-steps,
+    --cold-start-steps and number of processes)"""
 
 
 # ALGO LOGIC
@@ -262,10 +273,15 @@ def main(args: Args) -> None:
     require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
     tokenizer, teacher_tokenizer = load_tokenizer(args.model), load_tokenizer(args.teacher)
     check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
-    run_dir = Path(args.output_dir) / (args.run_name or default_run_name("opd", args.seed))
+    ckpt = find_checkpoint(args.resume) if args.resume else None
+    run_dir = (
+        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("opd", args.seed))
+    )
     torch.manual_seed(args.seed)
 
-    student = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    student = load_model(
+        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+    )
     student = dist.wrap(student, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(student.parameters()).device
     teacher = load_model(args.teacher, dtype=args.teacher_dtype, device=device).eval().requires_grad_(False)
@@ -275,16 +291,18 @@ def main(args: Args) -> None:
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     total_steps = args.cold_start_steps + args.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
-    if dist.is_main():
+    start_step = load_trainer_state(ckpt, optimizer, scheduler, student)["step"] if ckpt else 0
+    if not ckpt and dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=0)
+    tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
         f"teacher {args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M)  |  objective "
         f"{args.objective}, {n * world} completions/step"
         + (f" ({n} in each of {world} processes)" if world > 1 else "")
         + (f", {args.cold_start_steps} cold-start SFT steps" if args.cold_start_steps else "")
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
 
     def evaluation(model) -> dict:
@@ -294,12 +312,13 @@ def main(args: Args) -> None:
             model, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
         )
 
-    teacher_eval = {k.replace("eval/", "eval/teacher_"): v for k, v in evaluation(teacher).items()}
-    start = {**evaluation(student), **teacher_eval}
-    tracker.log(start, step=0)
-    tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+    if start_step == 0:  # the starting point, and the teacher's accuracy as the ceiling
+        teacher_eval = {k.replace("eval/", "eval/teacher_"): v for k, v in evaluation(teacher).items()}
+        start = {**evaluation(student), **teacher_eval}
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
 
-    for step in range(total_steps):
+    for step in range(start_step, total_steps):
         t0 = time.time()
         cold = step < args.cold_start_steps
         # ROLLOUT: the student samples (or, in the cold start, the teacher does); depends only on (seed, step)
@@ -403,6 +422,8 @@ def main(args: Args) -> None:
             save_checkpoint(run_dir, done, student, tokenizer, optimizer, scheduler)
 
     final = save_model(student, tokenizer, run_dir / "final")
+    if args.save_every and total_steps % args.save_every == 0 and total_steps > start_step:
+        save_checkpoint(run_dir, total_steps, student, tokenizer, optimizer, scheduler)
     tracker.close()
     if dist.is_main():
         print(f"saved {final}")
