@@ -317,7 +317,7 @@ def main(args: Args) -> None:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 batch_size=gen_batch,
-                seed=args.seed * 1_000_003 + step * 101 + round_ + dist.rank() * (local_rollout // gen_batch),
+                seed=args.seed * 1_000_003 + step * 101 + round_,
                 seed_each_batch=True,
             )
             gen_tokens += int(out["completion_mask"].sum())

@@ -333,7 +333,7 @@ def main(args: Args) -> None:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             batch_size=gen_batch,
-            seed=args.seed * 1_000_003 + step + dist.rank() * (n // gen_batch),
+            seed=args.seed * 1_000_003 + step,
             seed_each_batch=True,
         )
         seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]

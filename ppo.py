@@ -368,7 +368,7 @@ def main(args: Args) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             batch_size=gen_batch,
-            seed=args.seed * 1_000_003 + step + dist.rank() * (n // gen_batch),
+            seed=args.seed * 1_000_003 + step,
             seed_each_batch=True,
         )
         prompt_ids, prompt_mask, completion_ids = out["prompt_ids"], out["prompt_mask"], out["completion_ids"]

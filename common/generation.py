@@ -6,6 +6,8 @@ completion was truncated (no EOS within `max_new_tokens`), and the decoded text.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common import dist
@@ -47,8 +49,9 @@ def generate(
 ) -> dict:
     """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), `batch_size` rows
     per `model.generate` call. `seed` seeds the sampling (the global RNG is left as it was); with `seed_each_batch`
-    the k-th call is seeded `seed + k`, so a batch's samples depend only on its rows and its seed — what lets N
-    ranks, each sampling its share with `seed + its first batch index`, reproduce a one-process run.
+    each call is seeded `seed + its global index`: call k of process r (every process sampling an equal share)
+    is call r * calls_per_process + k, so a batch's samples depend only on its rows and its index, and N processes
+    reproduce a one-process run that uses the same `batch_size`.
 
     A sharded (FSDP) model is gathered once for the whole call (`common.dist.unsharded`): the ranks then generate
     independently, each as long as its own sequences need.
@@ -63,13 +66,14 @@ def generate(
     pad_id = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
     rows = []
+    first_call = dist.rank() * math.ceil(len(texts) / batch_size)  # this process's calls, in the global numbering
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork, dist.unsharded(model):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
             if seed is not None and seed_each_batch:
-                torch.manual_seed(seed + s // batch_size)
+                torch.manual_seed(seed + first_call + s // batch_size)
             enc = tokenizer(
                 texts[s : s + batch_size],
                 return_tensors="pt",
