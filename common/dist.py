@@ -157,24 +157,57 @@ def _call(self, fn, *args, **kwargs):
     return torch.utils._pytree.tree_map_only(torch.Tensor, lambda t: t.clone() if t._base is not None else t, out)
 
 
+def _ensure_process_group() -> None:
+    """A process group of one for a single process (FSDP2 needs a mesh even then): an in-memory store, no network."""
+    if dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=device)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(close)
+
+
 def wrap(model, *, train: bool, shard: bool = True, mixed_precision: bool = True):
-    """Shard `model` with FSDP2 (or, for a frozen model with shard=False, leave a full copy per rank). One
-    process: `model` unchanged. `mixed_precision=False` keeps every parameter in its own dtype (LoRA: a frozen
-    bf16 base with fp32 adapters)."""
-    if world_size() == 1 or not (train or shard):
+    """Place a model for training or inference; returns it (the same object).
+
+    A trained model whose compute dtype is bf16/fp16 (e.g. `--dtype auto` on a GPU) trains in mixed precision:
+    fp32 master weights and AdamW state, bf16 compute, fp32 gradients, accumulated over micro-batches and reduced
+    in fp32. That is FSDP2's `MixedPrecisionPolicy`, used for one process (on a one-process mesh) exactly as for N,
+    so one process and N take the same step. The upcast happens block by block after that block is sharded, so
+    no GPU ever holds the whole model in fp32 (only its shard). Exceptions, kept in their own dtype:
+    `mixed_precision=False` (LoRA: a frozen bf16 base with fp32 adapters) and a model loaded with
+    `--dtype pure-bf16` (`model._cleanpost_pure`: bf16 weights and AdamW state, what it costs is printed).
+
+    A trained fp32 model: unchanged with one process, FSDP2-sharded under torchrun. A frozen model (reference,
+    teacher, reward model) stays in its compute dtype: a full copy per rank (`shard=False`, no communication) or
+    FSDP2-sharded (`shard=True`: 1/N of the memory, an all-gather per forward)."""
+    low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    pure = getattr(model, "_cleanpost_pure", False)
+    mixed = train and low_precision and mixed_precision and not pure
+    if train and low_precision and pure and is_main():
+        print(
+            "pure bf16 training (--dtype pure-bf16): weights, gradients and AdamW state in bf16 (8 bytes a parameter "
+            "instead of 16); updates smaller than half a bf16 ulp of a weight (|w| * 2^-9, e.g. lr 1e-5 on a weight "
+            "of 0.02) are lost, and gradients accumulate in bf16"
+        )
+    if not mixed and (world_size() == 1 or not (train or shard)):
         return model
+    _ensure_process_group()
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kwargs = {}
-    low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    if train and low_precision and mixed_precision:
-        # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
+    if mixed:  # fp32 master weights and optimizer state, bf16/fp16 compute, fp32 reduction
         kwargs["mp_policy"] = MixedPrecisionPolicy(
             param_dtype=next(model.parameters()).dtype, reduce_dtype=torch.float32
         )
-        model.float()
     for block in transformer_blocks(model):
+        if mixed:
+            block.float()  # this block's full fp32 copy lives only until fully_shard keeps this rank's shard
         fully_shard(block, **kwargs)
+    if mixed:
+        model.float()  # what is left outside the blocks (embeddings, final norm, head); blocks are already fp32
     fully_shard(model, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):
@@ -235,21 +268,29 @@ def full_state_dict(model) -> dict:
     return {k: v for k, v in state.items() if k in names}
 
 
-def save_optimizer(model, optimizer, path) -> None:
-    """Sharded optimizer state (torch.distributed.checkpoint): every rank writes its shard into directory `path`."""
+def save_train_state(model, optimizer, path) -> None:
+    """The sharded master weights (fp32 in mixed precision) and optimizer state (torch.distributed.checkpoint):
+    every rank writes its shards into directory `path`."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(path))
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.save(state, checkpoint_id=str(path))
 
 
-def load_optimizer(model, optimizer, path) -> None:
-    """Restore what `save_optimizer` wrote (same number of processes)."""
+def load_train_state(model, optimizer, path) -> None:
+    """Restore what `save_train_state` wrote (same number of processes) into the wrapped model and its optimizer."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
-    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the layout to read into
-    dcp.load(state, checkpoint_id=str(path))
+    state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))  # reads into the layout given
+    set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 

@@ -75,7 +75,7 @@ def test_sft_two_process_resume_continues_the_same_curve(tmp_path):
     run_torchrun("sft.py", *common, "--run-name", "straight")
     straight = tmp_path / "straight"
     step2 = straight / "checkpoints" / "step_2"
-    assert {"optimizer", "rng_0.pt", "rng_1.pt", "trainer_state.pt", "model.safetensors"} <= {
+    assert {"train_state", "rng_0.pt", "rng_1.pt", "trainer_state.pt", "model.safetensors"} <= {
         p.name for p in step2.iterdir()
     }
     stopped = tmp_path / "stopped"
