@@ -7,6 +7,8 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import random
 import re
@@ -24,27 +26,85 @@ hf_logging.disable_progress_bar()  # our own bar is the only one on the console
 
 
 def default_device() -> torch.device:
-    """This process's GPU (under torchrun, `common.dist.init` has made it LOCAL_RANK's), else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """This process's GPU (under torchrun, `common.dist.init` has made it LOCAL_RANK's), else the CPU. On a GPU,
+    fp32 matmuls may use TF32 (what every fp32 path of a trainer wants; bf16 compute is unaffected)."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+PURE_DTYPES = {"pure-bf16": torch.bfloat16, "pure-bfloat16": torch.bfloat16}
+DTYPE_HELP = (
+    "auto (bf16 compute with fp32 master weights on a GPU with native bf16, else fp32) | float32 | bfloat16 "
+    "(bf16 compute, fp32 master weights, optimizer state and gradients, also on a CPU) | pure-bf16 (weights, "
+    "gradients and AdamW state all in bf16: 8 instead of 16 bytes a parameter, but updates below half a bf16 ulp "
+    "of a weight are lost)"
+)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """`auto` = bf16 on a CUDA device that supports it, else fp32 (fp16 training needs a loss scaler we don't ship)."""
+    """The compute dtype: `auto` = bf16 on a CUDA device with native bf16 (not emulated), else fp32 (fp16
+    training needs a loss scaler we don't ship). `pure-bf16` computes in bf16 too (see `is_pure`)."""
     if dtype == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
             return torch.bfloat16
         return torch.float32
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-    }
-    if dtype not in table:
-        die(f"--dtype {dtype!r} is not one of auto, {', '.join(table)}")
-    return table[dtype]
+    if dtype in PURE_DTYPES:
+        return PURE_DTYPES[dtype]
+    if dtype not in DTYPES:
+        die(f"--dtype {dtype!r} is not one of auto, {', '.join([*DTYPES, *PURE_DTYPES])}")
+    return DTYPES[dtype]
+
+
+def is_pure(dtype: str) -> bool:
+    """`--dtype pure-bf16`: a trained model keeps its weights and optimizer state in bf16 (no fp32 master copy)."""
+    return dtype in PURE_DTYPES
+
+
+def disk_dtype(model) -> torch.dtype:
+    """The dtype the checkpoint was stored in (what `save_model` writes again); the model's own dtype if unknown."""
+    return getattr(model, "_cleanpost_disk_dtype", None) or next(model.parameters()).dtype
+
+
+def _config_dtype(name_or_path: str, **kwargs) -> torch.dtype | None:
+    """The dtype a checkpoint declares in its config (`dtype`, formerly `torch_dtype`), or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **{k: v for k, v in kwargs.items() if k == "revision"})
+    except (OSError, ValueError):
+        return None
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in every module and in the attention kernels (config `*dropout*` rates read at forward time),
+    as peers do for policies, references and value models: the log-probs of a training forward are then those of
+    the same function that sampled (and the ratio of unchanged weights is exactly 1)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for attr in ("attention_dropout", "dropout", "attn_dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    configs = [model.config] + [getattr(model.config, k) for k in ("text_config",) if hasattr(model.config, k)]
+    for cfg in configs:
+        for key, value in list(vars(cfg).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(cfg, key, 0.0)
 
 
 def _check_source(name_or_path: str, what: str) -> None:
@@ -61,20 +121,30 @@ def load_model(
     device: torch.device | str | None = None,
     gradient_checkpointing: bool = False,
     model_class=AutoModelForCausalLM,
+    attn_implementation: str | None = None,
     **kwargs,
 ) -> PreTrainedModel:
-    """A causal LM (any `AutoModelForCausalLM` architecture) from a hub id or a local directory, on `device`."""
+    """A causal LM (any `AutoModelForCausalLM` architecture) from a hub id or a local directory, on `device`, in
+    the compute dtype of `dtype` (see `resolve_dtype`), dropout off. A trained model gets its fp32 master weights
+    from `common.dist.wrap`; `save_model` writes it back in the checkpoint's own dtype (`disk_dtype`)."""
     _check_source(name_or_path, "--model")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, ImportError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if attn_implementation and "attn" in str(e).lower():
+            die(f"--attn-implementation {attn_implementation!r} cannot be used with {name_or_path!r}: {reason}")
         die(
             f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the hub): "
             f"{reason}"
         )
+    model._cleanpost_disk_dtype = _config_dtype(name_or_path, **kwargs) or torch_dtype
+    model._cleanpost_pure = is_pure(dtype)
+    disable_dropout(model)
     model.to(device)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
@@ -86,11 +156,20 @@ def load_model(
     return model
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name_or_path: str, chat_template_kwargs: str | dict | None = None) -> PreTrainedTokenizerBase:
     """The model's tokenizer with a pad token guaranteed and left padding (what batched generation needs).
 
-    Training batches are padded by `common.data.collate`, which does not depend on the padding side.
+    `chat_template_kwargs` (`--chat-template-kwargs`, JSON or a dict, e.g. {"enable_thinking": false} for Qwen3)
+    are passed to every rendering of the chat template (`common.data.apply_template`): training data, prompts and
+    evaluation alike. Training batches are padded by `common.data.collate`, whatever the padding side.
     """
+    if isinstance(chat_template_kwargs, str):
+        try:
+            chat_template_kwargs = json.loads(chat_template_kwargs) if chat_template_kwargs.strip() else {}
+        except json.JSONDecodeError as e:
+            die(f"--chat-template-kwargs is not valid JSON ({e.msg} at column {e.colno}): {chat_template_kwargs!r}")
+        if not isinstance(chat_template_kwargs, dict):
+            die("--chat-template-kwargs must be a JSON object, e.g. '{\"enable_thinking\": false}'")
     _check_source(name_or_path, "--model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
@@ -104,21 +183,37 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         warnings.warn(f"tokenizer of {name_or_path!r} has no pad token; padding with {fallback!r} (masked out)")
         tokenizer.pad_token = fallback
     tokenizer.padding_side = "left"
+    tokenizer.cleanpost_template_kwargs = dict(chat_template_kwargs or {})
     return tokenizer
 
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
-    """Hugging Face format (safetensors + config + tokenizer), written to `out_dir.tmp` then renamed into place,
-    so a crash never leaves a half-written checkpoint where a loader would find it. Under torchrun every rank
-    calls it for a sharded model: its full state dict is gathered to rank 0, which alone writes (a plain model is
-    written by rank 0, with no collective)."""
+    """Hugging Face format (safetensors + config + tokenizer) in the checkpoint's own dtype (`disk_dtype`: a bf16
+    model trained from fp32 master weights is written in bf16 again), written to `out_dir.tmp` then renamed into
+    place, so a crash never leaves a half-written checkpoint where a loader would find it. For a sharded model
+    (FSDP2, see `common.dist.wrap`) every rank calls it: its full state dict is gathered to rank 0, which alone
+    writes (a plain model is written by rank 0, with no collective)."""
     out_dir = Path(out_dir)
     sharded = dist.is_sharded(model)
     state_dict = dist.full_state_dict(model) if sharded else None  # a collective
     if dist.is_main():
+        target = disk_dtype(model)
+        if state_dict is None and any(p.dtype != target and p.is_floating_point() for p in model.parameters()):
+            state_dict = model.state_dict()
+        if state_dict is not None:
+            cast = {}  # by storage, so tied weights (an LM head sharing the embedding) stay one tensor
+            for v in state_dict.values():
+                if v.is_floating_point() and v.data_ptr() not in cast:
+                    cast[v.data_ptr()] = v.to(target)
+            state_dict = {k: cast.get(v.data_ptr(), v) if v.is_floating_point() else v for k, v in state_dict.items()}
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        config_file = tmp / "config.json"  # save_pretrained records the parameters' dtype (fp32 masters)
+        config = json.loads(config_file.read_text())
+        if config.get("dtype") != str(target).removeprefix("torch."):
+            config["dtype"] = str(target).removeprefix("torch.")
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         _replace(tmp, out_dir)
@@ -138,18 +233,49 @@ def _replace(tmp: Path, out_dir: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A frozen model kept in host memory between uses (the KL probe's initial policy)
+
+
+def offload_to_host(model):
+    """Move a frozen model's weights to host memory (pinned when a GPU is there, so they stream back at full PCIe
+    speed); `on_device` brings them to the accelerator for a while. Returns the model."""
+    pin = torch.cuda.is_available()
+    for t in [*model.parameters(), *model.buffers()]:
+        t.data = t.data.cpu().pin_memory() if pin else t.data.cpu()
+    return model
+
+
+@contextlib.contextmanager
+def on_device(model, device: torch.device):
+    """The weights of an `offload_to_host` model on `device` for the duration (one copy in, none back: the model is
+    frozen, so the host copy stays valid); the accelerator memory is released on exit."""
+    tensors = [*model.parameters(), *model.buffers()]
+    host = [t.data for t in tensors]
+    for t, h in zip(tensors, host):
+        t.data = h.to(device, non_blocking=True)
+    try:
+        yield model
+    finally:
+        for t, h in zip(tensors, host):
+            t.data = h
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Training checkpoints for --resume: runs/{run}/checkpoints/step_{N}/ = HF model + trainer_state.pt
 
 
 def save_checkpoint(
     run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None, save_fn=None
 ) -> Path:
-    """Write `checkpoints/step_{step}` atomically: the model in HF format (or whatever `save_fn(dir)` writes, e.g.
-    only LoRA adapters) plus optimizer (unless None), scheduler and RNG state.
+    """Write `checkpoints/step_{step}` atomically: the model in HF format in its checkpoint dtype (or whatever
+    `save_fn(dir)` writes, e.g. only LoRA adapters) plus what `--resume` needs to continue the same run: the
+    trained weights at full precision (the fp32 master weights, not their bf16 rounding), optimizer state (unless
+    None), scheduler and RNG state.
 
-    Under torchrun (every rank calls it): the gathered model and `trainer_state.pt` come from rank 0, the sharded
-    optimizer state from every rank (`optimizer/`, torch.distributed.checkpoint), each rank's RNG state in
-    `rng_{rank}.pt`; resume with the same number of processes."""
+    A sharded model (FSDP2: every mixed-precision run and every run under torchrun; every rank calls this): the
+    gathered HF model and `trainer_state.pt` come from rank 0; the fp32 master weights and optimizer state are
+    written shard by shard by every rank (`train_state/`, torch.distributed.checkpoint); each rank's RNG state
+    goes to `rng_{rank}.pt`. Resume with the same number of processes."""
     ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if dist.is_main():
@@ -162,7 +288,10 @@ def save_checkpoint(
     dist.barrier()  # rank 0's model files are in place before the other ranks write theirs
     sharded = dist.is_sharded(model)
     if sharded and optimizer is not None:
-        dist.save_optimizer(model, optimizer, tmp / "optimizer")
+        dist.save_train_state(model, optimizer, tmp / "train_state")
+    master = None  # a plain model trained in a wider dtype than its checkpoint's keeps that precision for --resume
+    if not sharded and save_fn is None and any(p.dtype != disk_dtype(model) for p in model.parameters()):
+        master = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     rng = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
@@ -175,6 +304,7 @@ def save_checkpoint(
             "step": step,
             "world_size": dist.world_size(),
             "optimizer": None if sharded or optimizer is None else optimizer.state_dict(),
+            "master_weights": master,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "rng": rng,
             "extra": extra or {},
@@ -207,9 +337,10 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
-    """Restore optimizer, scheduler and RNG from `ckpt` (the weights are loaded with `load_model(ckpt)`);
-    returns the trainer state: `step` and the script's `extra`. A sharded model (`model`, under torchrun) reads
-    its optimizer shard; the checkpoint must come from the same number of processes."""
+    """Restore the full-precision weights of `model` (loaded before with `load_model(ckpt)`, in the checkpoint's
+    dtype, and wrapped), optimizer, scheduler and RNG from `ckpt`; returns the trainer state: `step` and the
+    script's `extra`. A sharded model reads its own shard of the master weights and optimizer state; the
+    checkpoint must come from the same number of processes."""
     state = torch.load(Path(ckpt) / "trainer_state.pt", weights_only=False)
     saved_world = state.get("world_size", 1)
     if saved_world != dist.world_size():
@@ -217,11 +348,19 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
             f"--resume {str(ckpt)!r} was written by {saved_world} process(es); resume it with the same number "
             f"(this run has {dist.world_size()})"
         )
+    sharded = model is not None and dist.is_sharded(model)
     if state["optimizer"] is None:
-        if not (Path(ckpt) / "optimizer").is_dir():
-            die(f"--resume {str(ckpt)!r}: the checkpoint has no optimizer state (it was written for evaluation only)")
-        dist.load_optimizer(model, optimizer, Path(ckpt) / "optimizer")
+        if not sharded or not (Path(ckpt) / "train_state").is_dir():
+            die(
+                f"--resume {str(ckpt)!r}: the checkpoint has no optimizer state for this run (written for evaluation "
+                "only, or by a run of another precision: resume with the same --dtype)"
+            )
+        dist.load_train_state(model, optimizer, Path(ckpt) / "train_state")
     else:
+        if sharded:
+            die(f"--resume {str(ckpt)!r} was written by an unsharded fp32 run: resume it with the same --dtype")
+        if state.get("master_weights") is not None and model is not None:
+            model.load_state_dict(state["master_weights"])
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
