@@ -6,12 +6,22 @@ completion was truncated (no EOS within `max_new_tokens`), and the decoded text.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
+from transformers import GenerationConfig
 
 from common import dist
 from common.data import has_chat_template, render_prompt
+
+
+@contextlib.contextmanager
+def _restore(obj, name, value):
+    try:
+        yield
+    finally:
+        setattr(obj, name, value)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -30,6 +40,26 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after_eos).long(), ~is_eos.any(-1)
+
+
+def sampling_config(*, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, eos_ids, pad_id):
+    """A fresh generation config holding only what the script sets. A checkpoint's own `generation_config.json`
+    (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20; others: no_repeat_ngram_size, min_new_tokens...) would
+    otherwise still apply, so rollouts would come from another distribution than the one the loss computes
+    log-probs under (softmax(logits / temperature), top-p only), and greedy evaluation would be penalized too.
+    The processors that could still be switched on by a default are set to their no-op values explicitly."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not greedy,
+        temperature=1.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p,
+        top_k=0,  # 0: no top-k (transformers' global default would be 50)
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=eos_ids,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
 
 
 @torch.no_grad()
@@ -67,8 +97,17 @@ def generate(
     tokenizer.padding_side = "left"
     rows = []
     first_call = dist.rank() * math.ceil(len(texts) / batch_size)  # this process's calls, in the global numbering
+    config = sampling_config(
+        greedy=greedy,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+    checkpoint_config, model.generation_config = model.generation_config, config  # its values would be merged in
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-    with fork, dist.unsharded(model):
+    with fork, dist.unsharded(model), _restore(model, "generation_config", checkpoint_config):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
@@ -80,19 +119,7 @@ def generate(
                 padding=True,
                 add_special_tokens=not has_chat_template(tokenizer),
             ).to(device)
-            if greedy:
-                kwargs = {"do_sample": False}
-            else:
-                kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos_ids,
-                pad_token_id=pad_id,
-                use_cache=True,
-                synced_gpus=False,  # each rank generates on its own (the weights are gathered, see above)
-                **kwargs,
-            )
+            out = model.generate(**enc, generation_config=config, synced_gpus=False)  # synced: see above
             rows.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
     P = max(r[0].shape[1] for r in rows)
     L = max(r[2].shape[1] for r in rows)

@@ -34,3 +34,45 @@ def test_generate_shapes_ordering_and_determinism(random_model_dir):
     for ids, m, text in zip(out["completion_ids"], out["completion_mask"], out["texts"]):
         assert (ids[m == 0] == tok.pad_token_id).all()
         assert tok.decode(ids[m == 1], skip_special_tokens=True) == text
+
+
+def test_a_checkpoints_generation_config_does_not_change_what_is_sampled(tmp_path):
+    """Sampling must use only what the script sets (temperature, top-p), not the checkpoint's generation_config.json,
+    or rollouts come from another distribution than the one the loss assumes."""
+    import json
+    import shutil
+
+    from conftest import TINY_BASE
+
+    copy = tmp_path / "tiny-base-with-defaults"
+    shutil.copytree(TINY_BASE, copy)
+    config = json.loads((copy / "generation_config.json").read_text())
+    config.update(repetition_penalty=1.5, top_k=3, no_repeat_ngram_size=1, temperature=0.3, min_new_tokens=4)
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(str(TINY_BASE))
+    prompts = ["What is 47+38?", "Reverse: abcde", "Uppercase: hello", "Which is larger, 3 or 9?"]
+    outputs = {}
+    for name, path in (("plain", TINY_BASE), ("defaults", copy)):
+        model = load_model(str(path), dtype="float32", device="cpu").eval()
+        sampled = generate(model, tokenizer, prompts, n=4, max_new_tokens=8, temperature=1.0, seed=3)
+        greedy = generate(model, tokenizer, prompts, max_new_tokens=8, greedy=True)
+        outputs[name] = (sampled["completion_ids"], greedy["completion_ids"])
+        assert model.generation_config.repetition_penalty == (1.5 if name == "defaults" else None)  # restored
+    torch.testing.assert_close(outputs["defaults"][0], outputs["plain"][0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs["defaults"][1], outputs["plain"][1], rtol=0, atol=0)
+    # the copy's settings do change transformers' own sampling (so the comparison above has teeth)
+    model = load_model(str(copy), dtype="float32", device="cpu").eval()
+    enc = tokenizer(
+        [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    torch.manual_seed(0)
+    raw = model.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    plain = load_model(str(TINY_BASE), dtype="float32", device="cpu").eval()
+    ref = plain.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert not torch.equal(raw, ref)
