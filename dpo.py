@@ -49,6 +49,7 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
+from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -72,9 +73,16 @@ class Args:
     model: str = "assets/tiny-base"
     """hub id or local directory of the policy to train; also the reference"""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     # data
     dataset: str = "assets/data/prefs.jsonl"
     """training pairs: JSONL of {prompt, chosen, rejected} (strings or message lists)"""
@@ -120,6 +128,11 @@ class Args:
     """evaluate every N steps (0: only before the first and after the last step)"""
     eval_max_new_tokens: int = 16
     """generation budget of the accuracy evaluation"""
+    eval_reward_fn: str = "tiny_world"
+    """verifier of the greedy evaluation: tiny_world | math | format | module:function (eval/accuracy = its mean
+    reward on the target skill)"""
+    eval_batch_size: int = 128
+    """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -160,7 +173,7 @@ def sequence_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, tor
 
 @torch.no_grad()
 def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> torch.Tensor:
-    """(N, 2) reference log-probs [chosen, rejected] of every pair, computed once (--precompute-ref); under
+    """(N, 2) reference log-probs [chosen, rejected] of every pair on `device`, computed once (--precompute-ref); under
     torchrun each process computes every N-th pair and the table is summed over processes."""
     out = torch.zeros(len(pairs), 2, dtype=torch.float64)
     mine = dist.strided(list(range(len(pairs))))
@@ -168,7 +181,7 @@ def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> to
         for mb in pair_micro_batches(pairs, mine, micro_batch_size, pad_id) if mine else []:
             seq = sequence_logps(ref, {k: v.to(device) for k, v in mb.items()}, average)[0].double().cpu()
             out[mb["index"]] = seq.view(2, -1).T
-    return dist.all_reduce(out).float()
+    return dist.all_reduce(out).float().to(device)  # on the device of the micro-batches' indices
 
 
 def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta) -> dict:
@@ -190,6 +203,7 @@ def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps,
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python dpo.py`)
+    eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.beta <= 0:
@@ -205,19 +219,26 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     average = args.loss_type == "ipo"
 
-    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     train_pairs = load_preference_dataset(args.dataset, tokenizer, args.max_length)
     eval_pairs = load_preference_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
     require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
     pad_id = tokenizer.pad_token_id
     model = load_model(
-        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+        str(ckpt) if ckpt else args.model,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
     )
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
     # Reference: always the starting model (--model), also when resuming.
-    ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    ref = (
+        load_model(args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        .eval()
+        .requires_grad_(False)
+    )
     ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
     ref_train = ref_eval = None
     note = "live reference model"
@@ -297,7 +318,9 @@ def main(args: Args) -> None:
                     model,
                     tokenizer,
                     eval_records,
+                    reward_fn=eval_reward,
                     target_skill=args.target_skill,
+                    batch_size=args.eval_batch_size,
                     max_new_tokens=args.eval_max_new_tokens,
                 )
             )

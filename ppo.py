@@ -39,7 +39,7 @@ from common.data import IGNORE_INDEX, collate, read_jsonl, require_fields, step_
 from common.generation import generate
 from common.logprobs import completion_logprobs
 from common.model import last_token_scores, load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
-from common.rewards import compute_rewards, load_reward_fn
+from common.rewards import compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -67,9 +67,16 @@ class Args:
     value_init: Literal["auto", "reward_model", "policy"] = "auto"
     """value model start: the reward model, or the policy with a fresh scalar head (auto: the reward model if used)"""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (policy and value model)"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     shard_frozen: bool = False
     """under torchrun: shard the reference and reward model with FSDP2 (1/N of their memory per GPU, an all-gather
     per forward) instead of a full copy per GPU"""
@@ -139,6 +146,13 @@ class Args:
     # evaluation and checkpoints
     eval_every: int = 25
     """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_reward_fn: str | None = None
+    """verifier of the greedy evaluation: tiny_world | math | format | module:function (default: the run's
+    --reward-fn; eval/accuracy = its mean reward on the target skill)"""
+    eval_max_new_tokens: int | None = None
+    """generation budget of the evaluation (default: --max-new-tokens)"""
+    eval_batch_size: int = 128
+    """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
     """write checkpoints/step_N (the policy, for evaluation; ppo.py has no --resume yet) every N steps (0: only
     final/ and value_model/)"""
@@ -237,14 +251,14 @@ def apply_stop_token(completion_ids, completion_mask, stop_id):
     is_stop = (completion_ids == stop_id) & completion_mask.bool()
     stopped = is_stop.any(1)
     first = torch.where(stopped, is_stop.float().argmax(1), completion_ids.shape[1])
-    keep = torch.arange(completion_ids.shape[1])[None, :] <= first[:, None]
+    keep = torch.arange(completion_ids.shape[1], device=completion_ids.device)[None, :] <= first[:, None]
     return completion_mask * keep, stopped
 
 
 @torch.no_grad()
 def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_batch_size, device) -> torch.Tensor:
     """Score (prompt, completion text) pairs with the reward model, rendered with its own tokenizer and chat template
-    exactly as reward_model.py rendered its training pairs."""
+    exactly as reward_model.py rendered its training pairs. Returns (B,) fp32 on `device`."""
     examples = []
     for p, c in zip(prompts, completions):
         prompt = [{"role": "user", "content": p}] if isinstance(p, str) else p
@@ -256,7 +270,7 @@ def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_
         scores.append(
             last_token_scores(reward_model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
         )
-    return torch.cat(scores).cpu()
+    return torch.cat(scores)
 
 
 def main(args: Args) -> None:
@@ -279,6 +293,7 @@ def main(args: Args) -> None:
     if len(weights) != len(args.reward_fn):
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn or None, weights)  # the verifier of eval/accuracy
     prompts = read_jsonl(args.dataset)
     require_fields(prompts, args.dataset, ("prompt",) if use_rm else ("prompt", "answer"))
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
@@ -289,23 +304,36 @@ def main(args: Args) -> None:
     run_dir = Path(args.output_dir) / (args.run_name or default_run_name("ppo", args.seed))
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
     stop_id = None
     if args.stop_token is not None:
         stop_ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
         if len(stop_ids) != 1:
             die(f"--stop-token {args.stop_token!r} is {len(stop_ids)} tokens for this tokenizer; it must be one")
         stop_id = stop_ids[0]
-    policy = load_model(args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing)
+    policy = load_model(
+        args.model,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
+    )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
-    ref = load_model(args.model, dtype=args.dtype, device=device).eval().requires_grad_(False)
+    ref = (
+        load_model(args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        .eval()
+        .requires_grad_(False)
+    )
     ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
     reward_model = rm_tokenizer = None
     if use_rm:
-        rm_tokenizer = load_tokenizer(args.reward_model)
+        rm_tokenizer = load_tokenizer(args.reward_model, args.chat_template_kwargs)
         reward_model = load_model(
-            args.reward_model, dtype=args.dtype, device=device, model_class=AutoModelForSequenceClassification
+            args.reward_model,
+            dtype=args.dtype,
+            device=device,
+            model_class=AutoModelForSequenceClassification,
+            attn_implementation=args.attn_implementation,
         )
         reward_model.eval().requires_grad_(False)
         reward_model = dist.wrap(reward_model, train=False, shard=args.shard_frozen)
@@ -317,6 +345,7 @@ def main(args: Args) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         model_class=AutoModelForSequenceClassification,
         num_labels=1,
+        attn_implementation=args.attn_implementation,
     )
     if value_init == "policy":
         with torch.no_grad():  # a fresh head that starts at V = 0 (no prior on the scores)
@@ -345,7 +374,13 @@ def main(args: Args) -> None:
         if not eval_records:
             return {}
         return evaluate(
-            policy, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+            policy,
+            tokenizer,
+            eval_records,
+            reward_fn=eval_reward,
+            target_skill=args.target_skill,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
         )
 
     start = evaluation()
@@ -387,12 +422,11 @@ def main(args: Args) -> None:
             scores = reward_model_scores(reward_model, rm_tokenizer, prompt_list, texts, mb_size, device)
         else:
             answers = [r["answer"] for r in batch for _ in range(args.group_size)]
-            scores = torch.tensor(
-                compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, texts, answers)[0]
-            ).float()
+            rewards = compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, texts, answers)[0]
+            scores = torch.tensor(rewards, dtype=torch.float32, device=device)  # (n,)
         raw_scores = scores.clone()
         if args.missing_eos_penalty is not None:
-            scores = scores - args.missing_eos_penalty * (~ended).float()
+            scores = scores - args.missing_eos_penalty * (~ended.to(device)).float()
 
         # LOG-PROBS AND VALUES of the rollout (no grad), micro-batched
         seqs = [prompt_ids, prompt_mask, completion_ids, mask]
@@ -409,7 +443,7 @@ def main(args: Args) -> None:
         mask_d = mask.to(device).float()
 
         # ALGO LOGIC: KL-penalized per-token rewards, GAE, whitened advantages
-        rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores.to(device), kl_coef)
+        rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores, kl_coef)
         if args.whiten_rewards:
             rewards = whiten(rewards, mask_d, shift_mean=False) * mask_d
         advantages, returns = gae(rewards, old_values, mask_d, args.gamma, args.lam)
@@ -422,14 +456,15 @@ def main(args: Args) -> None:
         stats = {
             k: [] for k in ("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy", "grad_norm")
         }
-        train_tokens = 0
+        train_tokens = torch.zeros((), device=device)  # statistics stay on the device: one sync per optimizer step
         minibatch = n // args.num_minibatches
         for epoch in range(args.ppo_epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + epoch))
             for m0 in range(0, n, minibatch):
                 rows = order[m0 : m0 + minibatch]
                 n_tok = max(1.0, dist.all_reduce(float(mask_d[rows].sum())))  # the minibatch's, over all processes
-                sums = dict.fromkeys(("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy"), 0.0)
+                names = ("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy")
+                sums = torch.zeros(len(names), dtype=torch.float64, device=device)
                 for u0 in range(0, len(rows), mb_size):
                     mb = rows[u0 : u0 + mb_size]
                     part = [x[mb].to(device) for x in seqs]
@@ -441,14 +476,18 @@ def main(args: Args) -> None:
                     pg_loss, vf_loss = (pg * m).sum() / n_tok, (vf * m).sum() / n_tok
                     (pg_loss + args.vf_coef * vf_loss).backward()
                     with torch.no_grad():
-                        sums["pg_loss"] += pg_loss.item()
-                        sums["vf_loss"] += vf_loss.item()
-                        sums["clip_frac"] += ((pg_clipped * m).sum() / n_tok).item()
-                        sums["vf_clip_frac"] += ((vf_clipped * m).sum() / n_tok).item()
-                        sums["approx_kl"] += ((0.5 * (logps - old_logps[mb]) ** 2 * m).sum() / n_tok).item()
-                        sums["entropy"] += ((entropy * m).sum() / n_tok).item()
-                    train_tokens += int(part[1].sum() + part[3].sum())
-                sums = dict(zip(sums, dist.all_reduce(list(sums.values()))))
+                        sums += torch.stack(
+                            [
+                                pg_loss,
+                                vf_loss,
+                                (pg_clipped * m).sum() / n_tok,
+                                (vf_clipped * m).sum() / n_tok,
+                                (0.5 * (logps - old_logps[mb]) ** 2 * m).sum() / n_tok,
+                                (entropy * m).sum() / n_tok,
+                            ]
+                        ).double()
+                        train_tokens += part[1].sum() + part[3].sum()
+                sums = dict(zip(names, dist.all_reduce(sums).tolist()))  # the step's one host sync
                 grad_norm = dist.grad_norm(
                     torch.nn.utils.clip_grad_norm_(
                         [*policy.parameters(), *value_model.parameters()], args.max_grad_norm
@@ -464,7 +503,7 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        train_tokens = dist.all_reduce(train_tokens)
+        train_tokens = dist.all_reduce(float(train_tokens))
         train_s = time.time() - t1
 
         # METRICS (over every process's rollouts); then the adaptive KL controller sees this batch's KL
