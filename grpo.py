@@ -15,7 +15,8 @@ Departures and choices (each a flag): `--loss-agg token-mean` by default (DAPO, 
 averages per sequence first (`seq-mean-token-mean`); `--scale-rewards none` with `seq-mean-token-sum-norm` is
 Dr. GRPO (arXiv 2503.20783); `--epsilon-high` is DAPO's clip-higher; `--beta 0` (the default, as in DAPO and Dr.
 GRPO) loads no reference model on the accelerator: the KL to the initial policy is then measured every
-`--kl-every` steps with a frozen copy kept in CPU memory.
+`--kl-every` steps with a frozen copy of the initial policy kept in host memory and streamed to the accelerator for
+each probe (one forward over the rollout in the compute dtype).
 
 Under `torchrun --nproc_per_node=N grpo.py ...` each process samples and trains on prompts_per_step / N whole
 groups (a group never straddles processes), with the loss normalized over all processes' tokens.
@@ -23,6 +24,7 @@ groups (a group never straddles processes), with the loss normalized over all pr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -43,10 +45,13 @@ from common.model import (
     load_tokenizer,
     load_trainer_state,
     lr_lambda,
+    offload_to_host,
+    on_device,
+    resolve_dtype,
     save_checkpoint,
     save_model,
 )
-from common.rewards import compute_rewards, load_reward_fn
+from common.rewards import compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -70,9 +75,16 @@ class Args:
     model: str = "assets/tiny-base"
     """hub id or local directory of the policy to train (e.g. an sft.py checkpoint: runs/<run>/final)"""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     # data and rewards
     dataset: str = "assets/data/prompts.jsonl"
     """training prompts: JSONL of {prompt, answer} records (prompt: string or message list)"""
@@ -130,7 +142,8 @@ class Args:
     """under torchrun with --beta > 0: shard the reference with FSDP2 (1/N of its memory per GPU, an all-gather per
     forward) instead of a full copy per GPU"""
     kl_every: int = 10
-    """with --beta 0: measure the KL to the initial policy every N steps (CPU copy; 0 disables)"""
+    """with --beta 0: measure the KL to the initial policy every N steps (its weights wait in host memory and visit
+    the accelerator for one forward over the rollout; 0 disables)"""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """divide advantages by the group std (GRPO), the batch std, or nothing (Dr. GRPO)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
@@ -140,6 +153,13 @@ class Args:
     # evaluation and checkpoints
     eval_every: int = 25
     """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_reward_fn: str | None = None
+    """verifier of the greedy evaluation: tiny_world | math | format | module:function (default: the run's
+    --reward-fn; eval/accuracy = its mean reward on the target skill)"""
+    eval_max_new_tokens: int | None = None
+    """generation budget of the evaluation (default: --max-new-tokens)"""
+    eval_batch_size: int = 128
+    """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -193,7 +213,7 @@ def aggregation_weights(
       seq-mean-token-mean:      1 / (len_i * sequences)
       seq-mean-token-sum-norm:  1 / (max_new_tokens * sequences)"""
     mask = mask.float()
-    num_tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens))
+    num_tokens = mask.sum() if num_tokens is None else torch.tensor(float(num_tokens), device=mask.device)
     num_seqs = mask.shape[0] if num_seqs is None else num_seqs
     if loss_agg == "token-mean":
         return mask / num_tokens.clamp_min(1)
@@ -245,6 +265,7 @@ def main(args: Args) -> None:
     if len(weights) != len(args.reward_fn):
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
+    eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn, weights)  # the verifier of eval/accuracy
     prompts = read_jsonl(args.dataset)
     require_fields(prompts, args.dataset, ("prompt", "answer"))
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
@@ -255,20 +276,30 @@ def main(args: Args) -> None:
     )
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     policy = load_model(
-        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+        str(ckpt) if ckpt else args.model,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
     )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
-    # Reference: on the accelerator when it is in the loss (beta > 0); otherwise a CPU copy for the KL probe.
-    ref_device = device if args.beta != 0 else torch.device("cpu")
+    # Reference: on the accelerator when it is in the loss (beta > 0); otherwise in host memory for the KL probe,
+    # in the compute dtype, streamed to the accelerator for each probe.
     ref = None
     if args.beta != 0 or args.kl_every:  # args.model is the initial policy, also when resuming
-        ref = load_model(args.model, dtype="float32" if ref_device.type == "cpu" else args.dtype, device=ref_device)
+        ref = load_model(
+            args.model,
+            dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."),  # the policy's compute dtype
+            device=device if args.beta != 0 else "cpu",
+            attn_implementation=args.attn_implementation,
+        )
         ref.eval().requires_grad_(False)
         if args.beta != 0:
             ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
+        else:
+            ref = offload_to_host(ref)
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=args.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
     )
@@ -284,14 +315,20 @@ def main(args: Args) -> None:
         f"{max(1, local_batch // args.micro_batch_size)} micro-batches/optimizer step"
         + (f" in each of {world} processes" if world > 1 else "")
         + ", "
-        f"reference {'in the loss' if args.beta else 'KL probe on CPU' if ref else 'none'}"
+        f"reference {'in the loss' if args.beta else 'KL probe from host memory' if ref else 'none'}"
     )
 
     def evaluation() -> dict:
         if not eval_records:
             return {}
         return evaluate(
-            policy, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+            policy,
+            tokenizer,
+            eval_records,
+            reward_fn=eval_reward,
+            target_skill=args.target_skill,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
         )
 
     if start_step == 0:
@@ -364,14 +401,17 @@ def main(args: Args) -> None:
         old_logps = (
             batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device) if need_old else None
         )
-        ref_logps = batched_logprobs(ref, rollout, args.temperature, args.micro_batch_size, device) if probe else None
+        ref_logps = None
+        if probe:
+            with contextlib.nullcontext() if args.beta != 0 else on_device(ref, device):  # the probe: visit, leave
+                ref_logps = batched_logprobs(ref, rollout, args.temperature, args.micro_batch_size, device)
 
         # ALGO LOGIC: policy updates; each optimizer step takes `batch_size` completions, micro-batched with
         # weights computed on the whole optimizer batch (so the gradient does not depend on --micro-batch-size).
         policy.train()
         t1 = time.time()
         stats = {k: [] for k in ("loss", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}  # per update
-        train_tokens, skipped = 0, 0
+        train_tokens, skipped = torch.zeros((), device=device), 0  # on the device: one host sync per optimizer step
         for it in range(args.num_iterations):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + it))
             for b0 in range(0, n, local_batch):  # with --dynamic-sampling n may fall short of a whole batch
@@ -383,7 +423,7 @@ def main(args: Args) -> None:
                     continue
                 n_tok, n_seq = dist.all_reduce([float(loss_mask[rows].sum()), len(rows)])  # over all processes
                 w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens, n_tok, int(n_seq))
-                loss_sum, clip_low, clip_high, ent = 0.0, 0.0, 0.0, 0.0
+                sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, clip low, clip high, entropy
                 n_tok = max(1.0, n_tok)
                 for m0 in range(0, len(rows), args.micro_batch_size):
                     mb = rows[m0 : m0 + args.micro_batch_size]
@@ -401,12 +441,11 @@ def main(args: Args) -> None:
                     )
                     loss = (tok_loss * w[m0 : m0 + args.micro_batch_size].to(device)).sum()
                     loss.backward()
-                    loss_sum += loss.item()
-                    clip_low += float((low * mb_mask).sum())
-                    clip_high += float((high * mb_mask).sum())
-                    ent += float((entropy * mb_mask).sum())
-                    train_tokens += int(rollout["prompt_mask"][mb].sum() + rollout["completion_mask"][mb].sum())
-                loss_sum, clip_low, clip_high, ent = dist.all_reduce([loss_sum, clip_low, clip_high, ent])
+                    with torch.no_grad():
+                        parts = [loss, (low * mb_mask).sum(), (high * mb_mask).sum(), (entropy * mb_mask).sum()]
+                        sums += torch.stack(parts).double()
+                        train_tokens += rollout["prompt_mask"][mb].sum() + rollout["completion_mask"][mb].sum()
+                loss_sum, clip_low, clip_high, ent = dist.all_reduce(sums).tolist()  # the step's one host sync
                 grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     tracker.close()
@@ -423,7 +462,7 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
-        train_tokens = dist.all_reduce(train_tokens)
+        train_tokens = dist.all_reduce(float(train_tokens))
         train_s = time.time() - t1
 
         # KL of the rollout policy to the initial policy on the rollout tokens (k3 and k1), whatever beta is

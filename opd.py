@@ -45,6 +45,7 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
+from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -70,7 +71,9 @@ class Args:
     teacher: str = "assets/tiny-teacher"
     """hub id or local directory of the teacher (frozen; same vocabulary; may be larger)"""
     dtype: str = "auto"
-    """student dtype: auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     teacher_dtype: str = "auto"
     """teacher dtype (e.g. bfloat16 to halve a large teacher's memory)"""
     shard_frozen: bool = False
@@ -78,6 +81,11 @@ class Args:
     of a full copy per GPU; --objective full gathers it for each update"""
     gradient_checkpointing: bool = False
     """recompute the student's activations in backward to save memory"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     # data
     dataset: str = "assets/data/prompts.jsonl"
     """training prompts: JSONL of {prompt} records (prompt: string or message list)"""
@@ -122,6 +130,13 @@ class Args:
     # evaluation and checkpoints
     eval_every: int = 25
     """evaluate every N steps (0: only before the first and after the last step)"""
+    eval_reward_fn: str | None = None
+    """verifier of the greedy evaluation: tiny_world | math | format | module:function (default: the run's
+    --reward-fn; eval/accuracy = its mean reward on the target skill)"""
+    eval_max_new_tokens: int | None = None
+    """generation budget of the evaluation (default: --max-new-tokens)"""
+    eval_batch_size: int = 128
+    """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -221,16 +236,18 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
 
 
 @torch.no_grad()
-def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, vocab):
     """The teacher's log-prob of each student-sampled token and whether it is in the teacher's top-1 / top-5:
-    (B, L) each, from its logits one micro-batch at a time."""
-    args = (prompt_ids, prompt_mask, completion_ids, completion_mask, temperature)
+    (B, L) each, from its logits one micro-batch at a time, over the tokenizer's `vocab` ids (a head padded to
+    more rows, e.g. Qwen2.5-7B's 152,064 for 151,665 tokens, has its padding rows left out)."""
+    args = (prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, vocab)
     return dist.root_forward(teacher, _teacher_token_stats, *args)  # a sharded teacher's head is gathered
 
 
-def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, vocab):
     hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)
     weight, bias, softcap, multiplier = lm_head_params(teacher)
+    weight, bias = weight[:vocab], None if bias is None else bias[:vocab]  # the tokenizer's ids only
     z = (hidden @ weight.t()).float() + (0 if bias is None else bias.float())
     if softcap is not None:
         z = torch.tanh(z / softcap) * softcap
@@ -240,9 +257,11 @@ def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, compl
     return chosen, rank < 1, rank < 5
 
 
-def full_reverse_kl(student, teacher, part, temperature, chunk_size):
-    """Per-token exact reverse KL (B, L) of a micro-batch (`--objective full`). Runs as the student's forward
-    (`dist.root_forward`); a sharded teacher must be gathered around it and its backward (`dist.unsharded`)."""
+def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):
+    """Per-token exact reverse KL (B, L) of a micro-batch (`--objective full`) over the tokenizer's `vocab` ids:
+    the heads' common rows (checkpoints of one family often pad their embeddings to different sizes; padding
+    rows are no tokens). Runs as the student's forward (`dist.root_forward`); a sharded teacher must be gathered
+    around it and its backward (`dist.unsharded`)."""
     s_hidden = completion_hidden(student, *part)
     with torch.no_grad():
         t_hidden = completion_hidden(teacher, *part)
@@ -250,6 +269,8 @@ def full_reverse_kl(student, teacher, part, temperature, chunk_size):
     tw, tb, _, t_mult = lm_head_params(teacher)
     if s_mult != 1.0 or t_mult != 1.0:
         die("--objective full does not support logit-scaled heads (Cohere, Granite) yet")
+    sw, tw = sw[:vocab], tw[:vocab]  # (V, H): rows past the tokenizer's ids are padding
+    sb, tb = (None if b is None else b[:vocab] for b in (sb, tb))
     b, L = s_hidden.shape[:2]
     return ChunkedReverseKL.apply(
         s_hidden.reshape(b * L, -1), sw, sb, t_hidden.reshape(b * L, -1), tw, tb, temperature, chunk_size
@@ -259,6 +280,7 @@ def full_reverse_kl(student, teacher, part, temperature, chunk_size):
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python opd.py`)
+    eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
     world = dist.world_size()
     n = args.prompts_per_step * args.group_size // world  # this process's completions per step
@@ -271,7 +293,10 @@ def main(args: Args) -> None:
     require_fields(prompts, args.dataset, ("prompt",))
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
     require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
-    tokenizer, teacher_tokenizer = load_tokenizer(args.model), load_tokenizer(args.teacher)
+    tokenizer, teacher_tokenizer = (
+        load_tokenizer(args.model, args.chat_template_kwargs),
+        load_tokenizer(args.teacher, args.chat_template_kwargs),
+    )
     check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run_dir = (
@@ -280,12 +305,23 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     student = load_model(
-        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+        str(ckpt) if ckpt else args.model,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
     )
     student = dist.wrap(student, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(student.parameters()).device
-    teacher = load_model(args.teacher, dtype=args.teacher_dtype, device=device).eval().requires_grad_(False)
+    teacher = (
+        load_model(args.teacher, dtype=args.teacher_dtype, device=device, attn_implementation=args.attn_implementation)
+        .eval()
+        .requires_grad_(False)
+    )
     teacher = dist.wrap(teacher, train=False, shard=args.shard_frozen)
+    vocab = len(tokenizer)  # token ids both models share (check_same_vocabulary); heads may have padding rows beyond
+    for name, m in (("--model", student), ("--teacher", teacher)):
+        if lm_head_params(m)[0].shape[0] < vocab:
+            die(f"{name}: its output layer has {lm_head_params(m)[0].shape[0]} rows for a tokenizer of {vocab} tokens")
     if lm_head_params(student)[2] is not None and args.objective == "full":
         die("--objective full does not support soft-capped heads (Gemma-2); use --objective sampled")
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
@@ -309,7 +345,13 @@ def main(args: Args) -> None:
         if not eval_records:
             return {}
         return evaluate(
-            model, tokenizer, eval_records, target_skill=args.target_skill, max_new_tokens=args.max_new_tokens
+            model,
+            tokenizer,
+            eval_records,
+            reward_fn=eval_reward,
+            target_skill=args.target_skill,
+            batch_size=args.eval_batch_size,
+            max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
         )
 
     if start_step == 0:  # the starting point, and the teacher's accuracy as the ceiling
@@ -344,7 +386,7 @@ def main(args: Args) -> None:
             for s in range(0, n, args.micro_batch_size):
                 part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
                 old_logps.append(completion_logprobs(student, *part, args.temperature).float())
-                chosen, in1, in5 = teacher_token_stats(teacher, *part, args.temperature)
+                chosen, in1, in5 = teacher_token_stats(teacher, *part, args.temperature, vocab)
                 teacher_logps.append(chosen)
                 top1.append(in1)
                 top5.append(in5)
@@ -358,7 +400,7 @@ def main(args: Args) -> None:
         full = args.objective == "full" and not cold
         with dist.unsharded(teacher if full else None):  # the full KL reads the teacher's head in its backward
             for _ in range(1 if cold else args.num_iterations):
-                loss_sum, kl_sum = 0.0, 0.0
+                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, KL: on the device until the step
                 for s in range(0, n, args.micro_batch_size):
                     part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
                     m = mask[s : s + args.micro_batch_size]
@@ -374,13 +416,13 @@ def main(args: Args) -> None:
                         )
                     else:
                         tok_loss = dist.root_forward(
-                            student, full_reverse_kl, teacher, part, args.temperature, args.kl_chunk_size
+                            student, full_reverse_kl, teacher, part, args.temperature, args.kl_chunk_size, vocab
                         )
-                        kl_sum += float((tok_loss.detach() * m).sum())
+                        sums[1] += (tok_loss.detach() * m).sum()
                     loss = (tok_loss * m).sum() / n_tok
                     loss.backward()
-                    loss_sum += loss.item()
-                loss_sum, kl_sum = dist.all_reduce([loss_sum, kl_sum])
+                    sums[0] += loss.detach()
+                loss_sum, kl_sum = dist.all_reduce(sums).tolist()  # the update's one host sync
                 grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm))
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     tracker.close()

@@ -61,9 +61,16 @@ class Args:
     model: str = "assets/tiny-base"
     """hub id or local directory: a causal LM (a fresh score head is added) or a reward model to train further"""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     # data
     dataset: str = "assets/data/prefs.jsonl"
     """training pairs: JSONL of {prompt, chosen, rejected[, margin]} (strings or message lists)"""
@@ -133,7 +140,7 @@ def main(args: Args) -> None:
     )
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     train_pairs = load_preference_dataset(args.dataset, tokenizer, args.max_length)
     eval_pairs = load_preference_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
     pad_id = tokenizer.pad_token_id
@@ -143,6 +150,7 @@ def main(args: Args) -> None:
         gradient_checkpointing=args.gradient_checkpointing,
         model_class=AutoModelForSequenceClassification,
         num_labels=1,
+        attn_implementation=args.attn_implementation,
     )
     model.config.pad_token_id = pad_id  # what transformers' own pooling needs when others load the checkpoint
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged

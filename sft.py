@@ -45,6 +45,7 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
+from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, default_run_name, peak_memory_gb
 
@@ -68,9 +69,16 @@ class Args:
     model: str = "assets/tiny-base"
     """hub id or local directory of the model to fine-tune"""
     dtype: str = "auto"
-    """auto (bf16 on a CUDA GPU that supports it, else fp32), float32, bfloat16"""
+    """auto: bf16 compute from fp32 master weights on a GPU with native bf16, else fp32 | float32 | bfloat16: bf16
+    compute, fp32 master weights, gradients and AdamW state (also on a CPU) | pure-bf16: everything in bf16 (8 instead
+    of 16 bytes a parameter; updates below half a bf16 ulp of a weight are lost)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    attn_implementation: str | None = None
+    """attention kernel: sdpa | eager | flash_attention_2 (default: transformers' choice; Gemma-2 needs eager)"""
+    chat_template_kwargs: str | None = None
+    """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
+    false}' for Qwen3"""
     # data
     dataset: str = "assets/data/sft.jsonl"
     """training data: JSONL of {messages} | {prompt, completion} | {text} records"""
@@ -104,6 +112,11 @@ class Args:
     """evaluate every N steps (0: only before the first and after the last step)"""
     eval_max_new_tokens: int = 16
     """generation budget of the accuracy evaluation"""
+    eval_reward_fn: str = "tiny_world"
+    """verifier of the greedy evaluation: tiny_world | math | format | module:function (eval/accuracy = its mean
+    reward on the target skill)"""
+    eval_batch_size: int = 128
+    """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -141,6 +154,7 @@ def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python sft.py`)
+    eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.lr_schedule not in ("cosine", "linear", "constant"):
@@ -151,13 +165,16 @@ def main(args: Args) -> None:
     )
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model)
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     train_examples = load_sft_dataset(args.dataset, tokenizer, args.max_length)
     eval_examples = load_sft_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
     eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
     require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
     model = load_model(
-        str(ckpt) if ckpt else args.model, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing
+        str(ckpt) if ckpt else args.model,
+        dtype=args.dtype,
+        gradient_checkpointing=args.gradient_checkpointing,
+        attn_implementation=args.attn_implementation,
     )
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
@@ -198,7 +215,9 @@ def main(args: Args) -> None:
                     model,
                     tokenizer,
                     eval_records,
+                    reward_fn=eval_reward,
                     target_skill=args.target_skill,
+                    batch_size=args.eval_batch_size,
                     max_new_tokens=args.eval_max_new_tokens,
                 )
             )

@@ -98,12 +98,18 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+def apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
+    """The chat template rendered as text, with the run's `--chat-template-kwargs` (see `load_tokenizer`)."""
+    extra = getattr(tokenizer, "cleanpost_template_kwargs", None) or {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, **extra, **kwargs)
+
+
 def render_prompt(tokenizer, prompt) -> str:
     """A prompt (string or message list) as the text the model continues: chat template with the generation prompt,
     or the raw string for a tokenizer without a chat template."""
     if has_chat_template(tokenizer):
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return apply_template(tokenizer, messages, add_generation_prompt=True)
     if not isinstance(prompt, str):
         die("message-list prompts need a tokenizer with a chat template")
     return prompt
@@ -121,8 +127,8 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = apply_template(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        upto = apply_template(tokenizer, messages[: i + 1])
         if not (upto.startswith(before) and text.startswith(upto)):
             stable = False
             break
@@ -147,7 +153,7 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) 
     (every assistant turn from message `train_from` on, its end-of-turn token included). Works with any chat
     template, with or without `{% generation %}` markers: the spans come from the rendered text and map to tokens by
     character offsets."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = apply_template(tokenizer, messages)
     spans = _assistant_spans(tokenizer, messages, text)
     spans = spans[sum(m["role"] == "assistant" for m in messages[:train_from]) :]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

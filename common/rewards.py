@@ -90,23 +90,37 @@ def format_reward(prompts, completions, answers) -> list[float]:
 BUILTIN = {"tiny_world": tiny_world_reward, "math": math_reward, "format": format_reward}
 
 
-def load_reward_fn(spec: str):
-    """A built-in name or `module:function` (the current directory is importable)."""
+def load_reward_fn(spec: str, flag: str = "--reward-fn"):
+    """A built-in name or `module:function` (the current directory is importable); errors name `flag`."""
     if spec in BUILTIN:
         return BUILTIN[spec]
     if ":" not in spec:
-        die(f"--reward-fn {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of the form module:function")
+        die(f"{flag} {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of the form module:function")
     module_name, fn_name = spec.split(":", 1)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        die(f"--reward-fn {spec!r}: cannot import module {module_name!r} ({e})")
+        die(f"{flag} {spec!r}: cannot import module {module_name!r} ({e})")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        die(f"--reward-fn {spec!r}: module {module_name!r} has no function {fn_name!r}")
+        die(f"{flag} {spec!r}: module {module_name!r} has no function {fn_name!r}")
     return fn
+
+
+def eval_reward_fn(spec: str | None, default: list[str] | None = None, weights: list[float] | None = None):
+    """The verifier of greedy evaluation (`--eval-reward-fn`): `spec` if given, else the run's own reward functions
+    `default` (weighted as in training), else the tiny world's exact match. Returns fn(prompts, completions,
+    answers) -> list[float]; a failing function stops the run naming it, as in training."""
+    specs = [spec] if spec else (default or ["tiny_world"])
+    weights = [1.0] if spec else (weights or [1.0] * len(specs))
+    fns = [load_reward_fn(s, "--eval-reward-fn" if spec else "--reward-fn") for s in specs]
+
+    def reward(prompts, completions, answers):
+        return compute_rewards(specs, fns, weights, prompts, completions, answers)[0]
+
+    return reward
 
 
 def reward_name(spec: str) -> str:

@@ -94,20 +94,25 @@ def evaluate(
     tokenizer,
     records: list[dict],
     *,
+    reward_fn=None,
     target_skill: str = TARGET_SKILL,
     batch_size: int = 128,
     max_new_tokens: int = 16,
 ) -> dict[str, float]:
-    """Greedy accuracy on {"prompt", "answer", "skill"} records: `eval/accuracy` on the target skill (records with
-    no skill count as target), `eval/general_accuracy` on the others (mean over their records), and
-    `eval/accuracy/<skill>` for each skill. Under torchrun each rank answers every N-th record and the counts are
-    summed over ranks (every rank returns the same numbers)."""
+    """Greedy evaluation on {"prompt", "answer"[, "skill"]} records, scored by `reward_fn(prompts, completions,
+    answers) -> list[float]` (a `--eval-reward-fn`, see `common.rewards`; default: the tiny world's exact match):
+    `eval/accuracy` = the mean reward on the target skill (records with no skill count as target),
+    `eval/general_accuracy` the mean over the other skills' records, and `eval/accuracy/<skill>` for each skill.
+    `batch_size` rows per generate call. Under torchrun each rank answers every N-th record and the sums are
+    reduced over ranks (every rank returns the same numbers)."""
     from common import dist
     from common.generation import generate
+    from common.rewards import tiny_world_reward
 
+    reward_fn = reward_fn or tiny_world_reward
     skills = sorted({r.get("skill", target_skill) for r in records})
     mine = dist.strided(records)
-    texts = []
+    rewards = []
     if mine:
         was_training = model.training
         model.eval()
@@ -120,10 +125,11 @@ def evaluate(
             batch_size=batch_size,
         )["texts"]
         model.train(was_training)
-    correct, total = dict.fromkeys(skills, 0), dict.fromkeys(skills, 0)
-    for r, text in zip(mine, texts):
+        rewards = [float(x) for x in reward_fn([r["prompt"] for r in mine], texts, [r["answer"] for r in mine])]
+    correct, total = dict.fromkeys(skills, 0.0), dict.fromkeys(skills, 0)
+    for r, reward in zip(mine, rewards):
         skill = r.get("skill", target_skill)
-        correct[skill] += is_correct(text, str(r["answer"]))
+        correct[skill] += reward
         total[skill] += 1
     sums = dist.all_reduce([correct[s] for s in skills] + [total[s] for s in skills])
     correct, total = dict(zip(skills, sums[: len(skills)])), dict(zip(skills, sums[len(skills) :]))

@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT, TINY_BASE, run_script
 from safetensors.torch import load_file
 
+from common.model import load_tokenizer
 from opd import ChunkedReverseKL, sampled_token_loss
 
 
@@ -180,3 +181,27 @@ def test_default_opd_run_closes_half_the_gap():
     rows = [json.loads(line) for line in (ROOT / "runs/tests/opd_default_learns/metrics.jsonl").open()]
     teacher = rows[0]["eval/teacher_accuracy"]
     assert rows[-1]["eval/accuracy"] >= base + 0.5 * (teacher - base), (base, teacher, rows[-1]["eval/accuracy"])
+
+
+@pytest.mark.parametrize("objective", ["sampled", "full"])
+def test_a_teacher_with_padded_embedding_rows_gives_the_same_kl(tmp_path, objective):
+    """Checkpoints of one family often pad their embeddings to different row counts (Qwen2.5-1.5B 151,936 vs 7B
+    152,064) with one tokenizer: the KL and the teacher statistics are over the tokenizer's ids, so a teacher padded
+    with 28 extra rows (which would otherwise take probability mass) gives exactly what the unpadded one gives."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = ROOT / "assets" / "tiny-teacher"
+    padded_dir = tmp_path / "padded-teacher"
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(vocab + 28, mean_resizing=False)
+    with torch.no_grad():  # padding rows with large logits: if they were counted, every KL would change a lot
+        model.get_output_embeddings().weight[vocab:] = model.get_output_embeddings().weight[:28] * 3
+    model.save_pretrained(padded_dir)
+    load_tokenizer(str(teacher)).save_pretrained(padded_dir)
+    plain = _opd(tmp_path, objective + "_plain", "--teacher", teacher, "--objective", objective, "--max-steps", "1")
+    padded = _opd(
+        tmp_path, objective + "_padded", "--teacher", padded_dir, "--objective", objective, "--max-steps", "1"
+    )
+    for key in ("train/reverse_kl", "train/teacher_logp", "train/overlap_top1", "train/overlap_top5", "train/loss"):
+        assert padded[-1][key] == pytest.approx(plain[-1][key], rel=1e-4, abs=1e-6), key

@@ -283,3 +283,20 @@ def test_bf16_run_trains_and_saves_bf16(tmp_path):
     assert all(math.isfinite(r["train/loss"]) for r in rows if "train/loss" in r)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "final")
     assert model.config.dtype in (torch.bfloat16, "bfloat16")
+
+
+def test_eval_reward_fn_and_its_errors(tmp_path):
+    """`--eval-reward-fn` picks the verifier of eval/accuracy: `format` (needs \\boxed{} or ####) scores the tiny
+    world's bare answers 0; an unknown name is one line naming the flag, before any compute."""
+    data = tmp_path / "sft.jsonl"
+    data.write_text("\n".join((ROOT / "assets" / "data" / "sft.jsonl").read_text().splitlines()[:64]) + "\n")
+    common = ["--dataset", data, "--eval-dataset", "", "--max-steps", "1", "--batch-size", "8", "--eval-every", "0"]
+    common += ["--output-dir", tmp_path, "--eval-batch-size", "100"]
+    run_script("sft.py", *common, "--run-name", "exact")
+    run_script("sft.py", *common, "--run-name", "format", "--eval-reward-fn", "format")
+    exact = [json.loads(line) for line in (tmp_path / "exact" / "metrics.jsonl").open()]
+    graded = [json.loads(line) for line in (tmp_path / "format" / "metrics.jsonl").open()]
+    assert exact[0]["eval/accuracy"] > 0.3 and exact[0]["eval/general_accuracy"] > 0.8
+    assert graded[0]["eval/accuracy"] == 0.0 and graded[0]["eval/general_accuracy"] == 0.0
+    proc = run_script("sft.py", *common, "--eval-reward-fn", "no_such_fn", check=False)
+    assert proc.returncode != 0 and "--eval-reward-fn 'no_such_fn': not a built-in" in proc.stderr

@@ -73,4 +73,24 @@ def test_evaluate_aggregates_by_skill(monkeypatch):
     assert m["eval/accuracy"] == 0.5  # 1 of 2 arithmetic
     assert m["eval/accuracy/reverse"] == 1.0 and m["eval/accuracy/larger"] == pytest.approx(1 / 3)
     assert m["eval/general_accuracy"] == pytest.approx(2 / 4)  # mean over the 4 general records
+    # another verifier (--eval-reward-fn): the metrics are its mean reward per skill, with the batch size passed on
+    seen = {}
+
+    def fake_generate(m, t, prompts, **kw):
+        seen.update(kw)
+        return {"texts": [answers[p] for p in prompts]}
+
+    monkeypatch.setattr(common.generation, "generate", fake_generate)
+    graded = evaluate(
+        Dummy(),
+        None,
+        records,
+        reward_fn=lambda prompts, completions, golds: [0.25 * len(c) + (c == g) for c, g in zip(completions, golds)],
+        batch_size=3,
+        max_new_tokens=5,
+    )
+    assert graded["eval/accuracy"] == pytest.approx((1.25 + 0.25) / 2)  # p1 right (1 char), p2 wrong (1 char)
+    assert graded["eval/accuracy/reverse"] == pytest.approx(0.75 + 1)
+    assert graded["eval/general_accuracy"] == pytest.approx((1.75 + 1.25 + 0.25 + 0.25) / 4)
+    assert seen["batch_size"] == 3 and seen["max_new_tokens"] == 5 and seen["greedy"] is True
     assert tinyworld.TARGET_SKILL == "arithmetic"
