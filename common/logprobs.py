@@ -183,7 +183,44 @@ def lm_head_params(model) -> tuple[torch.Tensor, torch.Tensor | None, float | No
         multiplier *= float(cfg.logit_scale)
     if getattr(cfg, "logits_scaling", None):
         multiplier /= float(cfg.logits_scaling)
+    if getattr(cfg, "lm_head_multiplier", None):  # Falcon-H1
+        multiplier *= float(cfg.lm_head_multiplier)
     return head.weight, getattr(head, "bias", None), softcap, multiplier
+
+
+@torch.no_grad()
+def check_fused_head(model, name: str, tokens: int = 16) -> float:
+    """Stop with one line naming the architecture when `token_logprobs` (the model body + our fused head, see
+    `lm_head_params`) does not reproduce the model's own logits: an architecture that scales or transforms its
+    logits in a way we do not know would otherwise train on wrong log-probs silently. One forward of `tokens`
+    tokens; tolerance: mean |difference| 1e-3 nats in fp32, 0.05 in bf16/fp16 (the model's own logits are rounded
+    to the compute dtype there). Returns the mean difference."""
+    from common import die
+
+    was_training = model.training
+    model.eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = model.get_output_embeddings().weight.device
+    ids = (torch.arange(tokens, device=device)[None, :] * 7919 + 13) % vocab  # (1, T) spread over the vocabulary
+    mask = torch.ones_like(ids)
+    arch = type(model).__name__
+    try:
+        fused = token_logprobs(model, ids, mask)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    except Exception as e:  # noqa: BLE001 -- any failure here means the fused path does not fit this model
+        die(f"{name} ({arch}): the fused log-prob head cannot run on this architecture ({type(e).__name__}: {e})")
+    finally:
+        model.train(was_training)
+    naive = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    diff = float((fused - naive).abs().mean())
+    tolerance = 1e-3 if logits.dtype in (torch.float32, torch.float64) else 0.05
+    if not diff <= tolerance:
+        die(
+            f"{name} ({arch}): the fused log-prob head differs from the model's own logits by {diff:.3g} nats a "
+            f"token (tolerance {tolerance}); this architecture transforms its logits in a way common/logprobs.py "
+            "does not reproduce (see lm_head_params)"
+        )
+    return diff
 
 
 def token_logprobs(
@@ -194,8 +231,11 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    vocab: int | None = None,
 ):
-    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t = 0..T-2, under `model` at `temperature`.
+    """log p(input_ids[:, t+1] | input_ids[:, :t+1]) for t = 0..T-2, under `model` at `temperature`, the softmax
+    over the first `vocab` rows of the head (the tokenizer's ids: checkpoints pad their embeddings past them, e.g.
+    Qwen3's 151,936 rows for 151,669 tokens, and `common.generation` samples from the same support) or all rows.
 
     input_ids, attention_mask (B, T) -> logps (B, T-1) fp32 [, entropy (B, T-1)]; any padding side: position ids
     are derived from the attention mask (left padding is what generation produces). Values at padded positions
@@ -214,16 +254,19 @@ def token_logprobs(
         temperature=temperature,
         chunk_size=chunk_size,
         return_entropy=return_entropy,
+        vocab=vocab,
     )
 
 
-def _token_logprobs(model, input_ids, attention_mask, *, temperature, chunk_size, return_entropy):
+def _token_logprobs(model, input_ids, attention_mask, *, temperature, chunk_size, return_entropy, vocab):
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T)
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
     hidden = out.last_hidden_state[:, :-1]  # (B, T-1, H)
     weight, bias, softcap, multiplier = lm_head_params(model)
+    if vocab is not None:  # (V, H) -> (vocab, H): padding rows are no tokens
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
     if multiplier != 1.0 and softcap is not None:
         raise NotImplementedError("a logit multiplier together with soft-capping")
     return chunked_logprobs(
@@ -242,7 +285,8 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
     """log pi(completion tokens | prompt, earlier completion tokens) at `temperature`: (B, L) [, entropy (B, L)].
 
     prompt_ids/prompt_mask (B, P) left-padded, completion_ids/completion_mask (B, L) right-padded, as
-    `common.generation.generate` returns them; one forward over the concatenation (B, P+L)."""
+    `common.generation.generate` returns them; one forward over the concatenation (B, P+L). Pass `vocab=len(tokenizer)`
+    (see `token_logprobs`) so the log-probs are those of the distribution `generate` sampled from."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+L)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     out = token_logprobs(model, input_ids, attention_mask, temperature=temperature, **kw)  # (B, P+L-1)

@@ -124,6 +124,34 @@ MODELS = {
         num_hidden_layers=2,
         num_attention_heads=4,
     ),
+    "falcon-h1-multiplier": lambda: _tiny(
+        "FalconH1ForCausalLM",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_d_state=8,
+        mamba_n_groups=1,
+        mamba_chunk_size=8,
+        lm_head_multiplier=0.3,
+    ),
+    "qwen3-tied": lambda: _tiny(
+        "Qwen3ForCausalLM",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+    ),
     "gpt2": lambda: transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4)
     ).eval(),
@@ -225,3 +253,15 @@ def test_bf16_path_matches_fp32_reference_loosely():
     assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
     torch.testing.assert_close(hidden.grad.float(), h_ref.grad, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(weight.grad.float(), w_ref.grad, rtol=3e-2, atol=3e-2)
+
+
+def test_load_time_head_check_names_an_architecture_whose_logits_we_do_not_reproduce(tmp_path):
+    """Every load of a causal LM compares the fused head with the model's own logits; a transform we do not know
+    (here: a Llama whose config claims a Cohere-style logit_scale its forward does not apply) stops the run."""
+    from common.logprobs import check_fused_head
+
+    model = MODELS["llama-tied"]()
+    assert check_fused_head(model, "tiny") < 1e-5
+    model.config.logit_scale = 3.0
+    with pytest.raises(SystemExit, match=r"tiny \(LlamaForCausalLM\): the fused log-prob head differs"):
+        check_fused_head(model, "tiny")
