@@ -228,12 +228,12 @@ SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask
 
 
 @torch.no_grad()
-def batched_logprobs(model, rollout, temperature, micro_batch_size, device):
+def batched_logprobs(model, rollout, temperature, micro_batch_size, device, vocab):
     model_device = next(model.parameters()).device
     chunks = []
     for s in range(0, rollout["completion_ids"].shape[0], micro_batch_size):
         part = [rollout[k][s : s + micro_batch_size].to(model_device) for k in SEQUENCE_KEYS]
-        chunks.append(completion_logprobs(model, *part, temperature).to(device))
+        chunks.append(completion_logprobs(model, *part, temperature, vocab=vocab).to(device))
     return torch.cat(chunks)
 
 
@@ -277,6 +277,7 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
+    vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)
     policy = load_model(
         str(ckpt) if ckpt else args.model,
         dtype=args.dtype,
@@ -399,12 +400,14 @@ def main(args: Args) -> None:
         probe = ref is not None and (args.beta != 0 or step % args.kl_every == 0 or step + 1 == args.max_steps)
         need_old = args.num_iterations > 1 or local_batch < n or probe
         old_logps = (
-            batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device) if need_old else None
+            batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device, vocab)
+            if need_old
+            else None
         )
         ref_logps = None
         if probe:
             with contextlib.nullcontext() if args.beta != 0 else on_device(ref, device):  # the probe: visit, leave
-                ref_logps = batched_logprobs(ref, rollout, args.temperature, args.micro_batch_size, device)
+                ref_logps = batched_logprobs(ref, rollout, args.temperature, args.micro_batch_size, device, vocab)
 
         # ALGO LOGIC: policy updates; each optimizer step takes `batch_size` completions, micro-batched with
         # weights computed on the whole optimizer batch (so the gradient does not depend on --micro-batch-size).
@@ -433,6 +436,7 @@ def main(args: Args) -> None:
                         *(rollout[k][mb].to(device) for k in SEQUENCE_KEYS),
                         args.temperature,
                         return_entropy=True,
+                        vocab=vocab,  # the support `generate` sampled from: the tokenizer's ids
                     )  # (m, L)
                     old = old_logps[mb] if old_logps is not None else logps.detach()
                     ref_mb = ref_logps[mb] if (ref_logps is not None and args.beta != 0) else None

@@ -385,7 +385,7 @@ def main(args: Args) -> None:
             old_logps, teacher_logps, top1, top5 = [], [], [], []
             for s in range(0, n, args.micro_batch_size):
                 part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
-                old_logps.append(completion_logprobs(student, *part, args.temperature).float())
+                old_logps.append(completion_logprobs(student, *part, args.temperature, vocab=vocab).float())
                 chosen, in1, in5 = teacher_token_stats(teacher, *part, args.temperature, vocab)
                 teacher_logps.append(chosen)
                 top1.append(in1)
@@ -405,9 +405,9 @@ def main(args: Args) -> None:
                     part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
                     m = mask[s : s + args.micro_batch_size]
                     if cold:
-                        tok_loss = -completion_logprobs(student, *part, args.temperature)
+                        tok_loss = -completion_logprobs(student, *part, args.temperature, vocab=vocab)
                     elif args.objective == "sampled":
-                        logps = completion_logprobs(student, *part, args.temperature)
+                        logps = completion_logprobs(student, *part, args.temperature, vocab=vocab)
                         tok_loss = sampled_token_loss(
                             logps,
                             old_logps[s : s + args.micro_batch_size],

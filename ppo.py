@@ -305,6 +305,7 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
+    vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)
     stop_id = None
     if args.stop_token is not None:
         stop_ids = tokenizer(args.stop_token, add_special_tokens=False)["input_ids"]
@@ -435,8 +436,8 @@ def main(args: Args) -> None:
             value_model.eval()
             for s in range(0, n, mb_size):
                 part = [x[s : s + mb_size].to(device) for x in seqs]
-                old_logps.append(completion_logprobs(policy, *part, args.temperature).float())
-                ref_logps.append(completion_logprobs(ref, *part, args.temperature).float())
+                old_logps.append(completion_logprobs(policy, *part, args.temperature, vocab=vocab).float())
+                ref_logps.append(completion_logprobs(ref, *part, args.temperature, vocab=vocab).float())
                 old_values.append(token_values(value_model, *part))
             value_model.train()
         old_logps, ref_logps, old_values = (torch.cat(x) for x in (old_logps, ref_logps, old_values))  # (n, L)
@@ -469,7 +470,9 @@ def main(args: Args) -> None:
                     mb = rows[u0 : u0 + mb_size]
                     part = [x[mb].to(device) for x in seqs]
                     m = mask_d[mb]
-                    logps, entropy = completion_logprobs(policy, *part, args.temperature, return_entropy=True)
+                    logps, entropy = completion_logprobs(
+                        policy, *part, args.temperature, return_entropy=True, vocab=vocab
+                    )
                     values = token_values(value_model, *part)
                     pg, pg_clipped = ppo_policy_loss(logps, old_logps[mb], advantages[mb], args.cliprange)
                     vf, vf_clipped = ppo_value_loss(values, old_values[mb], returns[mb], args.cliprange_value)

@@ -121,7 +121,9 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
     Prefix-stable templates: render up to turn i with the generation prompt, and up to and including turn i; the text
     in between (less trailing whitespace, the template's separator) is the assistant's turn with its end-of-turn
     token. Templates that re-render earlier turns (Qwen3 drops the empty `<think>` block from history turns) fall
-    back to finding each assistant content in order, plus the EOS token right after it if the template puts one there.
+    back to finding each assistant content in order, plus the EOS token right after it if the template puts one there;
+    an earlier turn whose `<think>...</think>` reasoning the template leaves out of the history (Qwen3) is trained on
+    what is rendered of it, the answer after `</think>`.
     """
     spans, stable = [], True
     for i, m in enumerate(messages):
@@ -137,10 +139,14 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
         return spans
     spans, pos, eos = [], 0, tokenizer.eos_token or ""
     for m in messages:
-        start = text.find(m["content"], pos)
+        content, start = m["content"], text.find(m["content"], pos)
+        if start < 0 and m["role"] == "assistant" and "</think>" in content:
+            # Qwen3-style templates render an earlier turn without its reasoning: train on what is rendered
+            content = content.split("</think>")[-1].lstrip("\n")
+            start = text.find(content, pos)
         if start < 0:
             raise ValueError(f"the chat template does not render the {m['role']} content verbatim")
-        pos = start + len(m["content"])
+        pos = start + len(content)
         if m["role"] == "assistant":
             end = pos + len(eos) if eos and text.startswith(eos, pos) else pos
             spans.append((start, end))

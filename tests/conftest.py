@@ -58,3 +58,93 @@ def run_script(*args, check=True, timeout=900):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The realistic-model tier: a small random model of Qwen3's architecture (tied embeddings, embedding rows padded past
+# the tokenizer as the real checkpoints are, stored in bf16) with a byte-level BPE tokenizer carrying Qwen3's
+# published chat template (tests/fixtures/qwen3_chat_template.jinja: <think> handling, history rewriting) and
+# Qwen3's published generation defaults. Built offline, once per session.
+
+QWEN3_TEMPLATE = ROOT / "tests" / "fixtures" / "qwen3_chat_template.jinja"
+
+
+def _reasoning(a: int, b: int) -> str:
+    return f"<think>\n{a}+{b}: units {a % 10}+{b % 10}, tens {a // 10}+{b // 10}.\n</think>\n\n{a + b}"
+
+
+def realistic_records(n: int = 48) -> dict[str, list[dict]]:
+    """Messages with reasoning in assistant turns (single and multi-turn), preference pairs and prompts."""
+    import random
+
+    rng = random.Random(0)
+    sft, prefs, prompts = [], [], []
+    for i in range(n):
+        a, b, c, d = (rng.randint(10, 49) for _ in range(4))
+        turns = [{"role": "user", "content": f"What is {a}+{b}?"}, {"role": "assistant", "content": _reasoning(a, b)}]
+        if i % 2:  # two turns: the template drops the first turn's reasoning from the history
+            turns += [{"role": "user", "content": f"And {c}+{d}?"}, {"role": "assistant", "content": _reasoning(c, d)}]
+        if i % 5 == 0:
+            turns.insert(0, {"role": "system", "content": "You add numbers."})
+        sft.append({"messages": turns})
+        prefs.append(
+            {"prompt": f"What is {a}+{b}?", "chosen": _reasoning(a, b), "rejected": _reasoning(a, b)[:-2] + "00"}
+        )
+        prompts.append({"prompt": f"What is {a}+{b}?", "answer": str(a + b), "skill": "arithmetic"})
+    return {"sft": sft, "prefs": prefs, "prompts": prompts}
+
+
+def build_qwen3_like(path: Path) -> Path:
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    template = QWEN3_TEMPLATE.read_text()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [json.dumps(r) for rs in realistic_records(200).values() for r in rs]
+    corpus += ["system user assistant You add numbers. And What is units tens"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=template
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])  # Qwen3: added tokens, not special (they stay in decoded text)
+    tokenizer.save_pretrained(path)
+    vocab = len(tokenizer)
+    config = Qwen3Config(
+        vocab_size=vocab + 16,  # padded embedding rows, as Qwen3's 151,936 rows for 151,669 tokens
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16)  # the published checkpoints are bf16
+    model.generation_config = GenerationConfig(  # Qwen3's published sampling defaults
+        do_sample=True,
+        temperature=0.6,
+        top_k=20,
+        top_p=0.95,
+        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory):
+    return build_qwen3_like(tmp_path_factory.mktemp("qwen3-like"))
