@@ -146,6 +146,10 @@ def load_model(
     model._cleanpost_pure = is_pure(dtype)
     disable_dropout(model)
     model.to(device)
+    if model_class is AutoModelForCausalLM:  # every script computes log-probs through the fused head
+        from common.logprobs import check_fused_head
+
+        check_fused_head(model, name_or_path)
     if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x

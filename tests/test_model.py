@@ -72,3 +72,31 @@ def test_gradient_checkpointing_gives_the_same_gradient(random_model_dir):
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_auto_dtype_never_picks_emulated_bf16(monkeypatch):
+    """A GPU that only emulates bf16 (e.g. a V100) trains in fp32 under `auto`; one with native bf16 in bf16."""
+    native = {"value": False}
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation or native["value"],  # emulation: "supported"
+    )
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+    native["value"] = True
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("pure-bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_dropout_is_off_after_loading(tmp_path):
+    """A checkpoint with dropout (GPT-2 style): two training-mode forwards give the same logits, so the log-probs of a
+    training forward are those of the function that sampled."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, resid_pdrop=0.3, embd_pdrop=0.3, attn_pdrop=0.3)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    ids = torch.randint(0, 64, (2, 10))
+    raw = GPT2LMHeadModel.from_pretrained(tmp_path).train()
+    assert not torch.equal(raw(ids).logits, raw(ids).logits)  # dropout is there to turn off
+    model = load_model(str(tmp_path), dtype="float32", device="cpu").train()
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
