@@ -344,7 +344,8 @@ def main(args: Args) -> None:
         )
         num_chosen_tokens = sum(int((mb["labels"][: len(mb["index"]), 1:] != IGNORE_INDEX).sum()) for mb in batches)
         num_chosen_tokens = int(dist.all_reduce(num_chosen_tokens))
-        parts, num_tokens, nll_sum = [], 0, 0.0
+        parts, nll_sum = [], torch.zeros((), dtype=torch.float64, device=device)
+        num_tokens = sum(int(mb["attention_mask"].sum()) for mb in batches)  # on the host, before the copy
         for mb in batches:
             mb = {k: v.to(device) for k, v in mb.items()}
             b = len(mb["index"])
@@ -357,7 +358,7 @@ def main(args: Args) -> None:
             if args.rpo_alpha is not None:
                 nll = -(token_logps[:b] * mask[:b]).sum()
                 loss = loss + args.rpo_alpha * nll / num_chosen_tokens
-                nll_sum += nll.item()
+                nll_sum += nll.detach()
             loss.backward()
             parts.append(
                 (
@@ -368,9 +369,8 @@ def main(args: Args) -> None:
                     logps[b:].detach().float(),
                 )
             )
-            num_tokens += int(mb["attention_mask"].sum())
         metrics = pair_metrics("train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)], args.beta)
-        num_tokens, nll_sum = dist.all_reduce([num_tokens, nll_sum])
+        num_tokens, nll_sum = dist.all_reduce([num_tokens, float(nll_sum)])  # the step's host sync
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
         if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):

@@ -214,7 +214,8 @@ def main(args: Args) -> None:
             args.micro_batch_size,
             pad_id,
         )
-        parts, num_tokens = [], 0
+        parts = []
+        num_tokens = sum(int(mb["attention_mask"].sum()) for mb in batches)  # on the host, before the copy
         for mb in batches:
             mb = {k: v.to(device) for k, v in mb.items()}
             scores = last_token_scores(model, mb["input_ids"], mb["attention_mask"])  # (2b,): chosen, then rejected
@@ -222,7 +223,6 @@ def main(args: Args) -> None:
             losses = reward_loss(scores[:b], scores[b:], mb["margin"], args.center_rewards_coef)
             (losses.sum() / args.batch_size).backward()
             parts.append((losses.detach(), scores[:b].detach(), scores[b:].detach()))
-            num_tokens += int(mb["attention_mask"].sum())
         metrics = pair_metrics("train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)])
         num_tokens = dist.all_reduce(num_tokens)
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))

@@ -240,15 +240,15 @@ def main(args: Args) -> None:
             tokenizer.pad_token_id,
         )
         num_loss_tokens = int(dist.all_reduce(count_loss_tokens(batches)))
-        nll_sum, num_tokens = 0.0, 0
+        nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one host sync per step
+        num_tokens = sum(int(mb["attention_mask"].sum()) for mb in batches)  # counted on the host, before the copy
         for mb in batches:
-            mb = {k: v.to(device) for k, v in mb.items()}
+            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
             logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
             loss, nll = sft_loss(logps, mb["labels"], num_loss_tokens)
             loss.backward()
-            nll_sum += nll.item()
-            num_tokens += int(mb["attention_mask"].sum())
-        nll_sum, num_tokens = dist.all_reduce([nll_sum, num_tokens])
+            nll_sum += nll
+        nll_sum, num_tokens = dist.all_reduce([float(nll_sum), num_tokens])
         train_loss = nll_sum / num_loss_tokens
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint

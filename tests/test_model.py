@@ -100,3 +100,16 @@ def test_dropout_is_off_after_loading(tmp_path):
     assert not torch.equal(raw(ids).logits, raw(ids).logits)  # dropout is there to turn off
     model = load_model(str(tmp_path), dtype="float32", device="cpu").train()
     torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_attn_implementation_and_chat_template_kwargs_flags(random_model_dir):
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu", attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(SystemExit, match=r"--attn-implementation 'no_such_kernel'"):
+        load_model(str(random_model_dir), dtype="float32", device="cpu", attn_implementation="no_such_kernel")
+    tok = load_tokenizer(str(random_model_dir), '{"enable_thinking": false}')
+    assert tok.cleanpost_template_kwargs == {"enable_thinking": False}
+    with pytest.raises(SystemExit, match="--chat-template-kwargs is not valid JSON"):
+        load_tokenizer(str(random_model_dir), "{enable_thinking: false}")
+    with pytest.raises(SystemExit, match="--chat-template-kwargs must be a JSON object"):
+        load_tokenizer(str(random_model_dir), "[1, 2]")
