@@ -69,6 +69,7 @@ def test_sft_two_processes_take_the_one_process_step(tmp_path):
     torch.testing.assert_close(model(ids).logits, one(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # ~100 s: in the full suite (CI), not the quick loop
 def test_mixed_precision_two_processes_take_the_one_process_step(tmp_path):
     """--dtype bfloat16 (fp32 masters, bf16 compute, fp32 reduction) from the bf16 tiny-teacher: one process (FSDP2 on
     a one-process mesh) and two take the same step. Micro-batches of one row, so both runs compute the same bf16

@@ -69,18 +69,17 @@ def test_mixed_precision_keeps_small_updates_that_pure_bf16_loses(tmp_path, smal
 
 
 def test_mixed_precision_gradient_does_not_depend_on_micro_batch_size(tmp_path, small_sft):
-    """The first step's gradient (same weights, same examples) from one micro-batch of 16 or four of 4: in mixed
-    precision the fp32 accumulation gives the same norm to ~1e-4 (measured 9e-5: bf16 compute of differently padded
-    micro-batches); accumulating in bf16 (pure) is off by ~6e-3 (measured), which this tolerance would catch."""
+    """The first step's gradient (same weights, same examples) from one micro-batch of 16 or four of 4: with fp32
+    accumulation the norms agree to bf16 compute noise (measured 9e-5: differently padded micro-batches); a
+    per-micro-batch normalizer would be off by a factor, fp32 accumulation dropped by far more than 1e-3."""
     grad_norms = {}
-    for dtype in ("bfloat16", "pure-bf16"):
-        for micro in (16, 4):
-            name = f"{dtype}-{micro}"
-            sft(tmp_path, small_sft, name, "--dtype", dtype, "--max-steps", "1", "--micro-batch-size", str(micro))
-            (row,) = [r for r in metrics(tmp_path / name) if "train/loss" in r]
-            grad_norms[dtype, micro] = row["train/grad_norm"]
-    assert grad_norms["bfloat16", 4] == pytest.approx(grad_norms["bfloat16", 16], rel=1e-3)
-    assert grad_norms["pure-bf16", 4] != pytest.approx(grad_norms["pure-bf16", 16], rel=1e-3)  # the contrast
+    for micro in (16, 4):
+        name = f"micro-{micro}"
+        sft(tmp_path, small_sft, name, "--dtype", "bfloat16", "--max-steps", "1", "--micro-batch-size", str(micro))
+        (row,) = [r for r in metrics(tmp_path / name) if "train/loss" in r]
+        grad_norms[micro] = row["train/grad_norm"]
+    assert grad_norms[4] == pytest.approx(grad_norms[16], rel=1e-3)
+    assert grad_norms[4] != grad_norms[16]  # bf16 compute did run (fp32 would agree exactly)
 
 
 def masters(checkpoint, tmp_path):
@@ -92,6 +91,7 @@ def masters(checkpoint, tmp_path):
     return torch.load(out, weights_only=False)["model"]
 
 
+@pytest.mark.slow  # ~40 s: in the full suite (CI), not the quick loop
 def test_mixed_precision_resume_continues_from_the_fp32_masters(tmp_path, small_sft):
     import shutil
 
