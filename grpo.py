@@ -36,7 +36,7 @@ import torch
 import tyro
 
 from common import die, dist
-from common.data import check_batch_sizes, read_jsonl, require_fields, step_indices
+from common.data import Mixture, check_batch_sizes, data_options, load_prompts
 from common.generation import generate
 from common.logprobs import completion_logprobs
 from common.model import (
@@ -86,10 +86,25 @@ class Args:
     """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
     false}' for Qwen3"""
     # data and rewards
-    dataset: str = "assets/data/prompts.jsonl"
-    """training prompts: JSONL of {prompt, answer} records (prompt: string or message list)"""
+    dataset: tuple[str, ...] = ("assets/data/prompts.jsonl",)
+    """training data, one or more sources (mixed by --dataset-weights) of {prompt, answer} records (prompt: string or
+    message list): each a JSONL/.json/.parquet/.csv file, a save_to_disk directory, or a hub id
+    NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. openai/gsm8k:main)"""
+    dataset_weights: tuple[float, ...] | None = None
+    """one weight per --dataset source: each example is drawn from a source with probability proportional to its
+    weight, reproducibly from --seed (default: the sources' sizes, i.e. their concatenation); logged as data/share/*"""
+    columns: str | None = None
+    """FIELD=COLUMN,... maps our record fields onto a dataset's columns, for every dataset of the run (e.g.
+    prompt=question,answer=answer for GSM8K; messages=conversations for a chat set); each source must have at least
+    one of the columns"""
+    prompt_template: str | None = None
+    """a Python format string over a row's columns that makes its prompt, for training and evaluation prompts alike
+    (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
+    system_prompt: str | None = None
+    """a system turn put first in every prompt or conversation that has none"""
     eval_prompts: str = "assets/data/eval.jsonl"
-    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip; any source --dataset takes, one of
+    them)"""
     target_skill: str = TARGET_SKILL
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     reward_fn: list[str] = field(default_factory=lambda: ["tiny_world"])
@@ -240,6 +255,7 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device, voca
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
+    data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")  # whole groups per process
     world = dist.world_size()
     rollout_size = args.prompts_per_step * args.group_size
@@ -266,10 +282,15 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn, weights)  # the verifier of eval/accuracy
-    prompts = read_jsonl(args.dataset)
-    require_fields(prompts, args.dataset, ("prompt", "answer"))
-    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
-    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    train = Mixture(
+        [load_prompts(source, ("prompt", "answer"), data_opts) for source in args.dataset],
+        args.dataset,
+        args.dataset_weights,
+    )
+    prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
     ckpt = find_checkpoint(args.resume) if args.resume else None
     run_dir = (
         ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("grpo", args.seed))
@@ -318,6 +339,7 @@ def main(args: Args) -> None:
         + ", "
         f"reference {'in the loss' if args.beta else 'KL probe from host memory' if ref else 'none'}"
     )
+    tracker.write(train.describe(data_opts))
 
     def evaluation() -> dict:
         if not eval_records:
@@ -344,7 +366,7 @@ def main(args: Args) -> None:
         policy.eval()
         groups, n_groups_seen, n_zero_std, gen_tokens = [], 0, 0, 0
         for round_ in range(1 + (args.max_resample_rounds if args.dynamic_sampling else 0)):
-            idx = step_indices(len(prompts), args.prompts_per_step, step, args.seed + 7919 * round_)[rank_prompts]
+            idx = train.indices(args.prompts_per_step, step, args.seed + 7919 * round_)[rank_prompts]
             batch = [prompts[i] for i in idx]
             out = generate(
                 policy,
@@ -497,6 +519,7 @@ def main(args: Args) -> None:
                 **{f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v},  # none if every update was skipped
                 "train/skipped_updates": skipped,
                 "train/lr": lr,
+                **train.shares(args.prompts_per_step, step, args.seed),  # of the first draw of each step
                 "perf/gen_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
                 "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
                 "perf/step_s": time.time() - t0,

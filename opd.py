@@ -33,7 +33,7 @@ import torch
 import tyro
 
 from common import die, dist
-from common.data import read_jsonl, require_fields, step_indices
+from common.data import Mixture, data_options, load_prompts
 from common.generation import generate
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
@@ -87,10 +87,25 @@ class Args:
     """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
     false}' for Qwen3"""
     # data
-    dataset: str = "assets/data/prompts.jsonl"
-    """training prompts: JSONL of {prompt} records (prompt: string or message list)"""
+    dataset: tuple[str, ...] = ("assets/data/prompts.jsonl",)
+    """training data, one or more sources (mixed by --dataset-weights) of {prompt} records (prompt: string or message
+    list): each a JSONL/.json/.parquet/.csv file, a save_to_disk directory, or a hub id
+    NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. openai/gsm8k:main)"""
+    dataset_weights: tuple[float, ...] | None = None
+    """one weight per --dataset source: each example is drawn from a source with probability proportional to its
+    weight, reproducibly from --seed (default: the sources' sizes, i.e. their concatenation); logged as data/share/*"""
+    columns: str | None = None
+    """FIELD=COLUMN,... maps our record fields onto a dataset's columns, for every dataset of the run (e.g.
+    prompt=question,answer=answer for GSM8K; messages=conversations for a chat set); each source must have at least
+    one of the columns"""
+    prompt_template: str | None = None
+    """a Python format string over a row's columns that makes its prompt, for training and evaluation prompts alike
+    (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
+    system_prompt: str | None = None
+    """a system turn put first in every prompt or conversation that has none"""
     eval_prompts: str = "assets/data/eval.jsonl"
-    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip; any source --dataset takes, one of
+    them)"""
     target_skill: str = TARGET_SKILL
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     # rollouts
@@ -280,6 +295,7 @@ def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python opd.py`)
+    data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
     world = dist.world_size()
@@ -289,10 +305,13 @@ def main(args: Args) -> None:
         die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
     if args.num_iterations > 1 and args.objective == "full":
         die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
-    prompts = read_jsonl(args.dataset)
-    require_fields(prompts, args.dataset, ("prompt",))
-    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
-    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    train = Mixture(
+        [load_prompts(source, ("prompt",), data_opts) for source in args.dataset], args.dataset, args.dataset_weights
+    )
+    prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
     tokenizer, teacher_tokenizer = (
         load_tokenizer(args.model, args.chat_template_kwargs),
         load_tokenizer(args.teacher, args.chat_template_kwargs),
@@ -340,6 +359,7 @@ def main(args: Args) -> None:
         + (f", {args.cold_start_steps} cold-start SFT steps" if args.cold_start_steps else "")
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
+    tracker.write(train.describe(data_opts))
 
     def evaluation(model) -> dict:
         if not eval_records:
@@ -364,7 +384,7 @@ def main(args: Args) -> None:
         t0 = time.time()
         cold = step < args.cold_start_steps
         # ROLLOUT: the student samples (or, in the cold start, the teacher does); depends only on (seed, step)
-        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank_prompts]]
+        batch = [prompts[i] for i in train.indices(args.prompts_per_step, step, args.seed)[rank_prompts]]
         sampler = teacher if cold else student
         student.eval()
         out = generate(
@@ -450,6 +470,7 @@ def main(args: Args) -> None:
             "train/overlap_top5": dist.masked_mean(top5, mask),
             "train/grad_norm": sum(grad_norms) / len(grad_norms),
             "train/lr": lr,
+            **train.shares(args.prompts_per_step, step, args.seed),
             "rollout/completion_len": lengths.mean().item(),
             "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/step_s": time.time() - t0,

@@ -35,7 +35,7 @@ import tyro
 from transformers import AutoModelForSequenceClassification
 
 from common import die, dist
-from common.data import IGNORE_INDEX, collate, read_jsonl, require_fields, step_indices, tokenize_pair_side
+from common.data import IGNORE_INDEX, Mixture, collate, data_options, load_prompts, tokenize_pair_side
 from common.generation import generate
 from common.logprobs import completion_logprobs
 from common.model import last_token_scores, load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
@@ -81,10 +81,25 @@ class Args:
     """under torchrun: shard the reference and reward model with FSDP2 (1/N of their memory per GPU, an all-gather
     per forward) instead of a full copy per GPU"""
     # data and rewards
-    dataset: str = "assets/data/prompts.jsonl"
-    """training prompts: JSONL of {prompt[, answer]} records (prompt: string or message list)"""
+    dataset: tuple[str, ...] = ("assets/data/prompts.jsonl",)
+    """training data, one or more sources (mixed by --dataset-weights) of {prompt[, answer]} records (prompt: string or
+    message list): each a JSONL/.json/.parquet/.csv file, a save_to_disk directory, or a hub id
+    NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. openai/gsm8k:main)"""
+    dataset_weights: tuple[float, ...] | None = None
+    """one weight per --dataset source: each example is drawn from a source with probability proportional to its
+    weight, reproducibly from --seed (default: the sources' sizes, i.e. their concatenation); logged as data/share/*"""
+    columns: str | None = None
+    """FIELD=COLUMN,... maps our record fields onto a dataset's columns, for every dataset of the run (e.g.
+    prompt=question,answer=answer for GSM8K; messages=conversations for a chat set); each source must have at least
+    one of the columns"""
+    prompt_template: str | None = None
+    """a Python format string over a row's columns that makes its prompt, for training and evaluation prompts alike
+    (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
+    system_prompt: str | None = None
+    """a system turn put first in every prompt or conversation that has none"""
     eval_prompts: str = "assets/data/eval.jsonl"
-    """held-out {prompt, answer, skill} records for greedy, verifier-measured accuracy ('' to skip)"""
+    """held-out {prompt, answer, skill} records for greedy, verifier-measured accuracy ('' to skip; any source --dataset
+    takes, one of them)"""
     target_skill: str = TARGET_SKILL
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     reward_fn: list[str] = field(default_factory=list)
@@ -276,6 +291,7 @@ def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python ppo.py`)
+    data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
     world = dist.world_size()
     n = args.prompts_per_step * args.group_size // world  # this process's completions per step
@@ -294,10 +310,15 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn or None, weights)  # the verifier of eval/accuracy
-    prompts = read_jsonl(args.dataset)
-    require_fields(prompts, args.dataset, ("prompt",) if use_rm else ("prompt", "answer"))
-    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
-    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    train = Mixture(
+        [load_prompts(source, ("prompt",) if use_rm else ("prompt", "answer"), data_opts) for source in args.dataset],
+        args.dataset,
+        args.dataset_weights,
+    )
+    prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
     value_init = args.value_init if args.value_init != "auto" else ("reward_model" if use_rm else "policy")
     if value_init == "reward_model" and not use_rm and args.reward_model in ("", None):
         die("--value-init reward_model needs --reward-model")
@@ -370,6 +391,7 @@ def main(args: Args) -> None:
         + (f"reward model {args.reward_model}" if use_rm else f"reward functions {', '.join(args.reward_fn)}")
         + f"  |  value model from {value_init.replace('_', ' ')} ({value_source})"
     )
+    tracker.write(train.describe(data_opts))
 
     def evaluation() -> dict:
         if not eval_records:
@@ -394,7 +416,7 @@ def main(args: Args) -> None:
         t0 = time.time()
         # ROLLOUT: prompts and samples depend only on (seed, step)
         policy.eval()
-        batch = [prompts[i] for i in step_indices(len(prompts), args.prompts_per_step, step, args.seed)[rank_prompts]]
+        batch = [prompts[i] for i in train.indices(args.prompts_per_step, step, args.seed)[rank_prompts]]
         out = generate(
             policy,
             tokenizer,
@@ -531,6 +553,7 @@ def main(args: Args) -> None:
             "train/returns_mean": returns_mean,
             "train/explained_variance": explained,
             "train/lr": lr,
+            **train.shares(args.prompts_per_step, step, args.seed),
             "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
             "perf/step_s": time.time() - t0,

@@ -28,7 +28,7 @@ import tyro
 from transformers import AutoModelForSequenceClassification
 
 from common import die, dist
-from common.data import check_batch_sizes, load_preference_dataset, pair_micro_batches, step_indices
+from common.data import Mixture, check_batch_sizes, data_options, load_preference_dataset, pair_micro_batches
 from common.model import (
     find_checkpoint,
     last_token_scores,
@@ -72,10 +72,24 @@ class Args:
     """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
     false}' for Qwen3"""
     # data
-    dataset: str = "assets/data/prefs.jsonl"
-    """training pairs: JSONL of {prompt, chosen, rejected[, margin]} (strings or message lists)"""
+    dataset: tuple[str, ...] = ("assets/data/prefs.jsonl",)
+    """training data, one or more sources (mixed by --dataset-weights) of {prompt, chosen, rejected[, margin]} pairs, or
+    {chosen, rejected} conversations; each a JSONL/.json/.parquet/.csv file, a save_to_disk directory, or a hub id
+    NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. trl-lib/ultrafeedback_binarized)"""
+    dataset_weights: tuple[float, ...] | None = None
+    """one weight per --dataset source: each example is drawn from a source with probability proportional to its
+    weight, reproducibly from --seed (default: the sources' sizes, i.e. their concatenation); logged as data/share/*"""
+    columns: str | None = None
+    """FIELD=COLUMN,... maps our record fields onto a dataset's columns, for every dataset of the run (e.g.
+    prompt=question,answer=answer for GSM8K; messages=conversations for a chat set); each source must have at least
+    one of the columns"""
+    prompt_template: str | None = None
+    """a Python format string over a row's columns that makes its prompt, for training and evaluation prompts alike
+    (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
+    system_prompt: str | None = None
+    """a system turn put first in every prompt or conversation that has none"""
     eval_dataset: str = "assets/data/prefs_eval.jsonl"
-    """held-out pairs for eval/accuracy ('' to skip)"""
+    """held-out pairs for eval/accuracy ('' to skip; any source --dataset takes, one of them)"""
     max_length: int = 256
     """prompt + response are truncated to this many tokens (counted and reported)"""
     # reward model
@@ -128,6 +142,7 @@ def pair_metrics(prefix: str, losses, chosen_rewards, rejected_rewards) -> dict:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python reward_model.py`)
+    data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.center_rewards_coef < 0:
@@ -141,8 +156,17 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
-    train_pairs = load_preference_dataset(args.dataset, tokenizer, args.max_length)
-    eval_pairs = load_preference_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
+    train = Mixture(
+        [load_preference_dataset(source, tokenizer, args.max_length, opts=data_opts) for source in args.dataset],
+        args.dataset,
+        args.dataset_weights,
+    )
+    train_pairs = train.items  # every source's pairs, concatenated; `train.indices` draws the steps
+    eval_pairs = (
+        load_preference_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts)
+        if args.eval_dataset
+        else []
+    )
     pad_id = tokenizer.pad_token_id
     model = load_model(
         str(ckpt) if ckpt else args.model,
@@ -179,6 +203,7 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
+    tracker.write(train.describe(data_opts))
 
     @torch.no_grad()
     def evaluation() -> dict:
@@ -210,7 +235,7 @@ def main(args: Args) -> None:
         # accumulation and N processes give the full-batch gradient.
         batches = pair_micro_batches(
             train_pairs,
-            step_indices(len(train_pairs), args.batch_size, step, args.seed)[rank_rows],
+            train.indices(args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             pad_id,
         )
@@ -245,6 +270,7 @@ def main(args: Args) -> None:
                 "train/lr": lr,
                 "train/grad_norm": grad_norm,
                 "train/epoch": done * args.batch_size / len(train_pairs),
+                **train.shares(args.batch_size, step, args.seed),
                 "perf/tokens_per_s": num_tokens / step_s,
                 "perf/step_s": step_s,
                 "perf/peak_mem_gb": peak_memory_gb(device),

@@ -27,13 +27,13 @@ import tyro
 from common import die, dist
 from common.data import (
     IGNORE_INDEX,
+    Mixture,
     check_batch_sizes,
     count_loss_tokens,
+    data_options,
+    load_prompts,
     load_sft_dataset,
     micro_batches,
-    read_jsonl,
-    require_fields,
-    step_indices,
 )
 from common.logprobs import token_logprobs
 from common.model import (
@@ -80,12 +80,27 @@ class Args:
     """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
     false}' for Qwen3"""
     # data
-    dataset: str = "assets/data/sft.jsonl"
-    """training data: JSONL of {messages} | {prompt, completion} | {text} records"""
+    dataset: tuple[str, ...] = ("assets/data/sft.jsonl",)
+    """training data, one or more sources (mixed by --dataset-weights) of {messages} | {prompt, completion} | {text}
+    records; each a JSONL/.json/.parquet/.csv file, a save_to_disk directory, or a hub id
+    NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. HuggingFaceH4/ultrachat_200k@train_sft)"""
+    dataset_weights: tuple[float, ...] | None = None
+    """one weight per --dataset source: each example is drawn from a source with probability proportional to its
+    weight, reproducibly from --seed (default: the sources' sizes, i.e. their concatenation); logged as data/share/*"""
+    columns: str | None = None
+    """FIELD=COLUMN,... maps our record fields onto a dataset's columns, for every dataset of the run (e.g.
+    prompt=question,answer=answer for GSM8K; messages=conversations for a chat set); each source must have at least
+    one of the columns"""
+    prompt_template: str | None = None
+    """a Python format string over a row's columns that makes its prompt, for training and evaluation prompts alike
+    (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
+    system_prompt: str | None = None
+    """a system turn put first in every prompt or conversation that has none"""
     eval_dataset: str = "assets/data/sft_eval.jsonl"
-    """held-out data of the same shapes for eval/loss ('' to skip)"""
+    """held-out data of the same shapes for eval/loss ('' to skip; any source --dataset takes, one of them)"""
     eval_prompts: str = "assets/data/eval.jsonl"
-    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip)"""
+    """held-out {prompt, answer, skill} records for greedy accuracy ('' to skip; any source --dataset takes, one of
+    them)"""
     target_skill: str = TARGET_SKILL
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     max_length: int = 256
@@ -154,6 +169,7 @@ def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python sft.py`)
+    data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
@@ -166,10 +182,18 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
-    train_examples = load_sft_dataset(args.dataset, tokenizer, args.max_length)
-    eval_examples = load_sft_dataset(args.eval_dataset, tokenizer, args.max_length) if args.eval_dataset else []
-    eval_records = read_jsonl(args.eval_prompts) if args.eval_prompts else []
-    require_fields(eval_records, args.eval_prompts, ("prompt", "answer"))
+    train = Mixture(
+        [load_sft_dataset(source, tokenizer, args.max_length, opts=data_opts) for source in args.dataset],
+        args.dataset,
+        args.dataset_weights,
+    )
+    train_examples = train.items  # every source's examples, concatenated; `train.indices` draws the steps
+    eval_examples = (
+        load_sft_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts) if args.eval_dataset else []
+    )
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
     model = load_model(
         str(ckpt) if ckpt else args.model,
         dtype=args.dtype,
@@ -202,6 +226,7 @@ def main(args: Args) -> None:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
+    tracker.write(train.describe(data_opts))
 
     def evaluation() -> dict:
         metrics = {}
@@ -235,7 +260,7 @@ def main(args: Args) -> None:
         # the processes' gradients are summed), so the gradient equals the full-batch gradient.
         batches = micro_batches(
             train_examples,
-            step_indices(len(train_examples), args.batch_size, step, args.seed)[rank_rows],
+            train.indices(args.batch_size, step, args.seed)[rank_rows],
             args.micro_batch_size,
             tokenizer.pad_token_id,
         )
@@ -270,6 +295,7 @@ def main(args: Args) -> None:
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/epoch": done * args.batch_size / len(train_examples),
+            **train.shares(args.batch_size, step, args.seed),
             "perf/tokens_per_s": num_tokens / step_s,
             "perf/step_s": step_s,
             "perf/peak_mem_gb": peak_memory_gb(device),

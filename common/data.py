@@ -1,16 +1,28 @@
-"""JSON Lines data, chat-template tokenization with assistant-only loss masks, and batching for gradient accumulation.
+"""Training and evaluation data: one loader for every source, chat-template tokenization with assistant-only loss
+masks, mixtures of sources, and batching for gradient accumulation.
 
-Record shapes (one JSON object a line):
+Sources (`--dataset`, `--eval-dataset`, `--eval-prompts`; see `SOURCE_HELP`): our JSON Lines, a local .parquet,
+.json, .jsonl or .csv file, a directory written by `datasets` `save_to_disk`, or a hub id `name[:config][@split]`,
+with an optional slice `[start:stop]` after the split. Everything but our JSON Lines goes through the `datasets`
+library (memory-mapped Arrow, its cache). `--columns` maps the record fields below onto a dataset's columns,
+`--prompt-template` / `--system-prompt` build the prompts (`DataOptions`).
+
+Record shapes (after mapping):
   SFT:      {"messages": [{"role", "content"}, ...]} | {"prompt", "completion"} | {"text"}
-  preferences: {"prompt", "chosen", "rejected"}   (DPO, reward model; strings or message lists)
+  preferences: {"prompt", "chosen", "rejected"}   (DPO, reward model; strings or message lists), or implicit:
+            {"chosen", "rejected"} as whole conversations, the prompt their shared first turns (TRL's two shapes)
   prompts:  {"prompt", "answer", ...}   (RL and evaluation; `answer` goes to the verifier / reward function)
-Errors name the file, the line and the field, and stop the run before any compute (`common.die`).
+Errors name the source, the line or row and the field, and stop the run before any compute (`common.die`).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import string
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
@@ -45,8 +57,225 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Sources: where records come from, and how a dataset's columns become our fields.
+
+SOURCE_HELP = (
+    "a JSONL file of our records, a .parquet/.json/.jsonl/.csv file, a directory written by datasets' save_to_disk, "
+    "or a hub id NAME[:CONFIG][@SPLIT][[START:STOP]] (e.g. openai/gsm8k:main@train, openai/gsm8k:main@test[:500]; "
+    "split default: train); local files and directories take @SPLIT and the slice too"
+)
+_SPEC = re.compile(r"^(?P<name>.+?)(?::(?P<config>[^:@/\[\]]+))?(?:@(?P<split>[^@\[\]]+))?(?:\[(?P<slice>[^\]]*)\])?$")
+_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a dataset's rows become our records (the same for every source of a run): `columns` maps our fields to
+    its columns (`--columns prompt=question,answer=answer`), `prompt_template` formats a prompt from a row's
+    columns (`--prompt-template`), `system_prompt` is prepended to every prompt that has no system turn."""
+
+    columns: dict[str, str] = dataclass_field(default_factory=dict)
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+
+    def describe(self) -> str:
+        parts = [f"--columns {','.join(f'{k}={v}' for k, v in self.columns.items())}"] if self.columns else []
+        parts += [f"prompt template {self.prompt_template!r}"] if self.prompt_template is not None else []
+        parts += [f"system prompt {self.system_prompt!r}"] if self.system_prompt else []
+        return "  |  ".join(parts)
+
+
+def data_options(args=None, *, columns: str | None = None, prompt_template: str | None = None, system_prompt=None):
+    """`DataOptions` from a script's flags (`args.columns`, `.prompt_template`, `.system_prompt`, and the
+    `--dataset` / `--dataset-weights` counts), checked before any compute: one line for a malformed value."""
+    if args is not None:
+        columns, prompt_template, system_prompt = args.columns, args.prompt_template, args.system_prompt
+        sources, weights = list(args.dataset), args.dataset_weights
+        if not sources:
+            die("--dataset: give at least one source")
+        if weights is not None and len(weights) != len(sources):
+            die(f"--dataset-weights has {len(weights)} values for {len(sources)} --dataset sources")
+        if weights is not None and not all(math.isfinite(w) and w > 0 for w in weights):
+            die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
+    mapping = {}
+    for item in filter(None, (part.strip() for part in (columns or "").split(","))):
+        ours, sep, theirs = (x.strip() for x in item.partition("="))
+        if not sep or not ours or not theirs:
+            die(f"--columns {columns!r}: expected FIELD=COLUMN pairs separated by commas, e.g. prompt=question")
+        mapping[ours] = theirs
+    if prompt_template is not None:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(prompt_template) if name is not None]
+        except ValueError as e:
+            die(f"--prompt-template {prompt_template!r}: {e} (write a literal brace as {{{{ or }}}})")
+        if not names:
+            die(f"--prompt-template {prompt_template!r} uses no column (write the columns as {{question}})")
+        if any(not n or not n.isidentifier() for n in names):
+            die(f"--prompt-template {prompt_template!r}: every {{...}} must name a column, e.g. {{question}}")
+    return DataOptions(mapping, prompt_template, system_prompt or None)
+
+
+def parse_source(spec: str) -> tuple[str, str | None, str | None, str | None]:
+    """(name or path, config, split, slice) of a source spelling; an existing path is taken whole."""
+    if Path(spec).expanduser().exists():
+        return spec, None, None, None
+    m = _SPEC.match(spec)
+    if not m:
+        die(f"dataset {spec!r}: expected {SOURCE_HELP}")
+    name, config, split, slice_ = m.group("name", "config", "split", "slice")
+    if config is not None and Path(f"{name}:{config}").expanduser().exists():  # a path with a colon in it
+        name, config = f"{name}:{config}", None
+    return name, config, split, slice_
+
+
+def _apply_slice(ds, slice_: str | None, where: str):
+    if slice_ is None:
+        return ds
+    start, sep, stop = slice_.partition(":")
+    try:
+        bounds = slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None) if sep else None
+    except ValueError:
+        bounds = None
+    if bounds is None:
+        die(f"{where}: slice [{slice_}] must be [START:STOP] with integers, e.g. [:500]")
+    return ds.select(range(len(ds))[bounds])
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _load_hf(spec: str):
+    """A `datasets.Dataset` for a non-JSONL source, and the name its errors and records use."""
+    try:
+        import datasets
+    except ImportError:
+        die(f"dataset {spec!r}: reading it needs the `datasets` library: pip install datasets")
+    name, config, split, slice_ = parse_source(spec)
+    path = Path(name).expanduser()
+    where = f"{name}" + (f":{config}" if config else "") + f"@{split or 'train'}"
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if (split or "train") not in ds:
+                    die(f"{where}: no split {split or 'train'!r}; the splits are: {', '.join(ds)}")
+                ds = ds[split or "train"]
+            elif split not in (None, "train"):
+                die(f"{where}: a saved Dataset has one split (train), not {split!r}")
+        elif path.is_file():
+            builder = _FILE_BUILDERS.get(path.suffix.lower())
+            if builder is None:
+                die(f"{name}: unknown file type {path.suffix!r} (expected .jsonl, .json, .parquet or .csv)")
+            if split not in (None, "train"):
+                die(f"{where}: a single file has one split (train), not {split!r}")
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        elif path.is_dir() or not (name.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS):
+            ds = datasets.load_dataset(name, config, split=split or "train")  # a hub id or a dataset repository
+        else:
+            die(f"dataset {name!r}: no such file or directory")
+    except ConnectionError:
+        die(
+            f"dataset {name!r} is not in the local datasets cache and the hub cannot be reached (HF_HUB_OFFLINE or "
+            f'no network): download it where the hub is reachable (python -c "import datasets; '
+            f'datasets.load_dataset({name!r}{", " + repr(config) if config else ""})") or pass a local path'
+        )
+    except (ValueError, FileNotFoundError, OSError) as e:  # unknown config or split, a missing file, bad data
+        die(f"{where}: {_first_line(e)}")
+    if len(ds) == 0:
+        die(f"{where}: empty (no rows)")
+    return _apply_slice(ds, slice_, where), where
+
+
+def _sharegpt(messages):
+    """ShareGPT turns ({"from": "human"|"gpt"|..., "value"}) as {role, content}; anything else unchanged."""
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        return messages
+    if not all("from" in m and "value" in m and "role" not in m for m in messages):
+        return messages
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    roles |= {"tool": "tool", "function_call": "assistant", "observation": "tool"}
+    return [{"role": roles.get(m["from"], m["from"]), "content": m["value"]} for m in messages]
+
+
+def read_records(spec: str | Path, opts: DataOptions | None = None, what: str = "--dataset") -> tuple[list[dict], str]:
+    """The rows of one source as our records (columns mapped, ShareGPT turns converted) and the source's display
+    name. Each record carries `_where` ("file:line" or "name@split row i") for later messages."""
+    opts = opts or DataOptions()
+    spec = str(spec)
+    if not spec:
+        die(f"{what}: empty source")
+    if spec.endswith(".jsonl"):  # our own records: read line by line, errors by line number
+        records, name = read_jsonl(spec), spec
+        for r in records:
+            r["_where"] = f"{spec}:{r['_line']}"
+        columns = None
+    else:
+        ds, name = _load_hf(spec)
+        columns = list(ds.column_names)
+        records = [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()]  # null = absent
+        for i, r in enumerate(records):
+            r["_where"] = f"{name} row {i}"
+    # A source must have at least one of the mapped columns (a mixture's sources may each use some of them); what
+    # a record then lacks is reported by the shape checks, with the columns it has.
+    if opts.columns and columns is not None:
+        missing = [(o, t) for o, t in opts.columns.items() if t not in columns and o not in columns]
+        if len(missing) == len(opts.columns):
+            ours, theirs = missing[0]
+            die(f"{name}: --columns {ours}={theirs}: no column {theirs!r}; the columns are: {', '.join(columns)}")
+    for r in records:
+        for ours, theirs in opts.columns.items():
+            if theirs in r:
+                r[ours] = r[theirs]
+    for r in records:
+        for key in ("messages", "prompt", "completion", "chosen", "rejected"):
+            if key in r:
+                r[key] = _sharegpt(r[key])
+    return records, name
+
+
+def apply_prompt_options(record: dict, opts: DataOptions, field: str = "prompt") -> None:
+    """`--prompt-template` (the prompt formatted from the row's columns) and `--system-prompt` (prepended where the
+    prompt has no system turn), applied in place to `record[field]` (a string or a message list)."""
+    if opts.prompt_template is not None:
+        try:
+            record[field] = opts.prompt_template.format_map({k: v for k, v in record.items() if not k.startswith("_")})
+        except KeyError as e:
+            keys = ", ".join(k for k in record if not k.startswith("_"))
+            die(f"{record['_where']}: --prompt-template uses column {e.args[0]!r}; the record has: {keys}")
+        except (IndexError, ValueError, AttributeError) as e:
+            die(f"{record['_where']}: --prompt-template: {_first_line(e)}")
+    if opts.system_prompt and field in record:
+        prompt = record[field]
+        if isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        if isinstance(prompt, list) and not (
+            prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
+        ):
+            prompt = [{"role": "system", "content": opts.system_prompt}] + prompt
+        record[field] = prompt
+
+
+def load_prompts(spec: str, fields: tuple[str, ...], opts: DataOptions | None = None, what: str = "--dataset"):
+    """Prompt records (RL training, greedy evaluation) of one source, `fields` required, prompt options applied."""
+    opts = opts or DataOptions()
+    records, name = read_records(spec, opts, what)
+    for r in records:
+        apply_prompt_options(r, opts)
+    require_fields(records, name, fields)
+    for r in records:
+        if isinstance(r["prompt"], list):
+            _check_messages(r["prompt"], name, r, "prompt")
+        elif not isinstance(r["prompt"], str):
+            die(f"{r['_where']}: field 'prompt' must be a string or a list of {{role, content}} messages")
+    return records
+
+
 def _where(path, record) -> str:
-    return f"{path}:{record.get('_line', '?')}"
+    return record.get("_where") or f"{path}:{record.get('_line', '?')}"
 
 
 def _check_messages(messages, path, record, field) -> None:
@@ -84,14 +313,19 @@ def to_messages(record: dict, path) -> list[dict] | None:
         if not isinstance(record["text"], str):
             die(f"{_where(path, record)}: field 'text' must be a string")
         return None
-    die(f"{_where(path, record)}: missing field: expected 'messages', 'prompt' + 'completion', or 'text'")
+    has = ", ".join(k for k in record if not k.startswith("_"))
+    die(
+        f"{_where(path, record)}: missing field: expected 'messages', 'prompt' + 'completion', or 'text' (the record "
+        f"has: {has}; --columns maps columns)"
+    )
 
 
 def require_fields(records: list[dict], path, fields: tuple[str, ...]) -> None:
     for r in records:
         for field in fields:
             if field not in r:
-                die(f"{_where(path, r)}: missing field '{field}'")
+                has = ", ".join(k for k in r if not k.startswith("_"))
+                die(f"{_where(path, r)}: missing field '{field}' (the record has: {has}; --columns maps columns)")
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -194,10 +428,19 @@ def tokenize_sft_record(tokenizer, record: dict, path) -> tuple[list[int], list[
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
-def load_sft_dataset(path, tokenizer, max_length: int, log=print) -> list[dict]:
-    """Read and tokenize an SFT file. Examples longer than `max_length` are truncated (counted and reported);
-    examples left with no loss token are dropped (counted and reported). Returns [{input_ids, labels}] as lists."""
-    records = read_jsonl(path)
+def load_sft_dataset(spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None) -> list[dict]:
+    """Read and tokenize one SFT source. `--prompt-template` builds the prompt of prompt/completion rows,
+    `--system-prompt` opens every conversation that has no system turn. Examples longer than `max_length` are
+    truncated (counted and reported); examples left with no loss token are dropped (counted and reported).
+    Returns [{input_ids, labels}] as lists."""
+    opts = opts or DataOptions()
+    records, path = read_records(spec, opts)
+    for r in records:
+        if "messages" in r:
+            if opts.system_prompt:
+                apply_prompt_options(r, DataOptions(system_prompt=opts.system_prompt), "messages")
+        elif "completion" in r:
+            apply_prompt_options(r, opts)
     examples, truncated, dropped = [], 0, 0
     for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 20_000, leave=False):
         ids, labels = tokenize_sft_record(tokenizer, r, path)
@@ -237,14 +480,49 @@ def tokenize_pair_side(tokenizer, prompt: list[dict], response: list[dict]) -> t
     return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
 
 
-def load_preference_dataset(path, tokenizer, max_length: int, log=print) -> list[dict]:
-    """Read and tokenize {"prompt", "chosen", "rejected"} records (strings, or message lists: a prompt conversation
-    and assistant turns), with an optional numeric "margin". Loss tokens are the response's only. Pairs whose
-    chosen equals rejected carry no preference: dropped, counted and reported; so are pairs with a response
-    truncated away by `max_length` (longer ones are truncated, counted and reported).
+def split_implicit_prompt(chosen: list[dict], rejected: list[dict], where: str):
+    """(prompt, chosen response, rejected response) of two whole conversations: the prompt is the turns they share
+    from the start; both responses must then begin with an assistant turn (else the two prompts differ: an error
+    naming the row)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
+        k += 1
+    if k == 0 or k >= len(chosen) or k >= len(rejected):
+        what = "share no prompt turns" if k == 0 else "are the same conversation up to the end of one of them"
+        die(f"{where}: 'chosen' and 'rejected' {what} (an implicit prompt is the turns both start with)")
+    if chosen[k]["role"] != "assistant" or rejected[k]["role"] != "assistant":
+        die(
+            f"{where}: 'chosen' and 'rejected' differ in turn {k} ({chosen[k]['role']} / {rejected[k]['role']}), "
+            "before an assistant turn: their prompts differ"
+        )
+    return chosen[:k], chosen[k:], rejected[k:]
+
+
+def _is_conversation(value) -> bool:
+    """A message list that contains a non-assistant turn: a whole conversation, not just the responses."""
+    return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
+
+
+def load_preference_dataset(spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None):
+    """Read and tokenize preference pairs, in TRL's two shapes: explicit {"prompt", "chosen", "rejected"} (strings,
+    or message lists: a prompt conversation and assistant turns) and implicit {"chosen", "rejected"} as whole
+    conversations, whose shared first turns are the prompt (a `prompt` column is then ignored, as TRL does). An
+    optional numeric "margin". Loss tokens are the response's only. Pairs whose chosen equals rejected carry no
+    preference: dropped, counted and reported; so are pairs with a response truncated away by `max_length`
+    (longer ones are truncated, counted and reported).
     Returns [{chosen_ids, chosen_labels, rejected_ids, rejected_labels, margin}]."""
-    records = read_jsonl(path)
-    require_fields(records, path, ("prompt", "chosen", "rejected"))
+    opts = opts or DataOptions()
+    records, path = read_records(spec, opts)
+    require_fields(records, path, ("chosen", "rejected"))
+    for r in records:
+        for side in ("chosen", "rejected"):
+            if isinstance(r[side], list):
+                _check_messages(r[side], path, r, side)
+        if _is_conversation(r["chosen"]) and _is_conversation(r["rejected"]):
+            r["prompt"], r["chosen"], r["rejected"] = split_implicit_prompt(r["chosen"], r["rejected"], r["_where"])
+        elif "prompt" not in r and opts.prompt_template is None:
+            die(f"{_where(path, r)}: missing field 'prompt' (or give 'chosen' and 'rejected' as whole conversations)")
+        apply_prompt_options(r, opts)
     pairs, same, truncated, dropped = [], 0, 0, 0
     for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 10_000, leave=False):
         prompt = _as_turns(r["prompt"], "user", path, r, "prompt")
@@ -309,6 +587,79 @@ def step_indices(num_examples: int, batch_size: int, step: int, seed: int) -> li
     perm = torch.randperm(num_examples, generator=g).tolist()
     perm = perm * math.ceil(batch_size / num_examples) if batch_size > num_examples else perm
     return perm[k * batch_size : (k + 1) * batch_size]
+
+
+class Mixture:
+    """The training sources of a run (`--dataset A B ...`) drawn in proportion to `--dataset-weights`.
+
+    `items` is every source's examples, concatenated. Step `step` takes `batch_size` of them: with one source, the
+    seeded epoch permutations of `step_indices`; with several, each slot's source is drawn from the weights, and
+    each source is read through its own seeded epoch permutations from where its previous draws stopped. Like
+    `step_indices` it depends only on (sources' sizes, weights, batch_size, step, seed), so a resumed run draws what
+    the uninterrupted one would. `shares` is the realized share of each source over steps 0..step (logged as
+    `data/share/<name>`)."""
+
+    def __init__(self, parts: list[list], names: list[str], weights: list[float] | None = None):
+        if weights is not None and len(weights) != len(parts):
+            die(f"--dataset-weights has {len(weights)} values for {len(parts)} --dataset sources")
+        weights = list(weights) if weights is not None else [float(len(p)) for p in parts]  # default: by size
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
+        self.sizes = [len(p) for p in parts]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(parts))]
+        self.items = [x for p in parts for x in p]
+        self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
+        stems = [Path(str(n).split("@")[0].split("[")[0]).stem or str(n) for n in names]
+        self.names = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
+        self._done = {}  # (batch_size, seed) -> (steps drawn, draws per source so far)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self, opts: DataOptions | None = None) -> str:
+        """One banner line: the sources, their sizes and weights, and the prompt options."""
+        w = self.weights.tolist()
+        sources = ", ".join(f"{n} ({k} examples, weight {x:.3g})" for n, k, x in zip(self.names, self.sizes, w))
+        extra = opts.describe() if opts else ""
+        return f"data: {sources}" + (f"  |  {extra}" if extra else "")
+
+    def _sources(self, batch_size: int, step: int, seed: int) -> list[int]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step + 7)
+        return torch.multinomial(self.weights, batch_size, replacement=True, generator=g).tolist()
+
+    def _draws_before(self, batch_size: int, step: int, seed: int) -> list[int]:
+        done, counts = self._done.get((batch_size, seed), (0, [0] * len(self.sizes)))
+        if step < done:
+            done, counts = 0, [0] * len(self.sizes)
+        counts = list(counts)
+        for s in range(done, step):
+            for src in self._sources(batch_size, s, seed):
+                counts[src] += 1
+        self._done[(batch_size, seed)] = (step, tuple(counts))
+        return counts
+
+    def indices(self, batch_size: int, step: int, seed: int) -> list[int]:
+        """Indices into `items` of optimizer step `step` (0-based)."""
+        if len(self.sizes) == 1:
+            return step_indices(self.sizes[0], batch_size, step, seed)
+        counts = self._draws_before(batch_size, step, seed)
+        out, perms = [], {}
+        for src in self._sources(batch_size, step, seed):
+            epoch, k = divmod(counts[src], self.sizes[src])
+            if (src, epoch) not in perms:
+                g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 101 + src)
+                perms[(src, epoch)] = torch.randperm(self.sizes[src], generator=g).tolist()
+            out.append(self.offsets[src] + perms[(src, epoch)][k])
+            counts[src] += 1
+        return out
+
+    def shares(self, batch_size: int, step: int, seed: int) -> dict[str, float]:
+        """`data/share/<name>`: each source's share of the examples drawn in steps 0..step; {} for one source."""
+        if len(self.sizes) == 1:
+            return {}
+        counts = self._draws_before(batch_size, step + 1, seed)
+        total = sum(counts)
+        return {f"data/share/{n}": c / total for n, c in zip(self.names, counts)}
 
 
 def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
