@@ -121,6 +121,9 @@ class Args:
     (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
     system_prompt: str | None = None
     """a system turn put first in every prompt or conversation that has none"""
+    num_proc: int = 1
+    """processes that tokenize the datasets (the result is cached next to each dataset, keyed by its content, the
+    tokenizer, the chat template, the prompt options and --max-length: a second run skips it)"""
     eval_dataset: str = "assets/data/sft_eval.jsonl"
     """held-out data of the same shapes for eval/loss ('' to skip; any source --dataset takes, one of them)"""
     eval_prompts: str = "assets/data/eval.jsonl"
@@ -416,13 +419,18 @@ def main(args: Args) -> None:
 
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
     train = Mixture(
-        [load_sft_dataset(source, tokenizer, args.max_length, opts=data_opts) for source in args.dataset],
+        [
+            load_sft_dataset(source, tokenizer, args.max_length, opts=data_opts, num_proc=args.num_proc)
+            for source in args.dataset
+        ],
         args.dataset,
         args.dataset_weights,
     )
     train_examples = train.items  # every source's examples, concatenated; `train.indices` draws the steps
     eval_examples = (
-        load_sft_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts) if args.eval_dataset else []
+        load_sft_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts, num_proc=args.num_proc)
+        if args.eval_dataset
+        else []
     )
     eval_records = (
         load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []

@@ -88,6 +88,9 @@ class Args:
     (e.g. '{question}\nPut the final answer in \\boxed{{}}.')"""
     system_prompt: str | None = None
     """a system turn put first in every prompt or conversation that has none"""
+    num_proc: int = 1
+    """processes that tokenize the datasets (the result is cached next to each dataset, keyed by its content, the
+    tokenizer, the chat template, the prompt options and --max-length: a second run skips it)"""
     eval_dataset: str = "assets/data/prefs_eval.jsonl"
     """held-out pairs for eval/accuracy ('' to skip; any source --dataset takes, one of them)"""
     max_length: int = 256
@@ -157,13 +160,16 @@ def main(args: Args) -> None:
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     train = Mixture(
-        [load_preference_dataset(source, tokenizer, args.max_length, opts=data_opts) for source in args.dataset],
+        [
+            load_preference_dataset(source, tokenizer, args.max_length, opts=data_opts, num_proc=args.num_proc)
+            for source in args.dataset
+        ],
         args.dataset,
         args.dataset_weights,
     )
     train_pairs = train.items  # every source's pairs, concatenated; `train.indices` draws the steps
     eval_pairs = (
-        load_preference_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts)
+        load_preference_dataset(args.eval_dataset, tokenizer, args.max_length, opts=data_opts, num_proc=args.num_proc)
         if args.eval_dataset
         else []
     )

@@ -17,14 +17,22 @@ Errors name the source, the line or row and the field, and stop the run before a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import multiprocessing
+import os
 import re
+import shutil
 import string
+import tempfile
+import time
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -36,10 +44,15 @@ ROLES = ("system", "user", "assistant", "tool")
 
 def read_jsonl(path: str | Path) -> list[dict]:
     """Every line a JSON object; blank lines are skipped. Each record gets `_line` (1-based) for later messages."""
+    return [r for chunk in iter_jsonl(path) for r in chunk]
+
+
+def iter_jsonl(path: str | Path, chunk_size: int = 2_000):
+    """`read_jsonl` a chunk of records at a time (a large file is never held whole as Python objects)."""
     path = Path(path)
     if not path.is_file():
         die(f"{path}: no such file")
-    records = []
+    chunk, seen = [], False
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -51,10 +64,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
             if not isinstance(obj, dict):
                 die(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             obj["_line"] = lineno
-            records.append(obj)
-    if not records:
+            chunk.append(obj)
+            if len(chunk) == chunk_size:
+                seen = True
+                yield chunk
+                chunk = []
+    if not (seen or chunk):
         die(f"{path}: empty file (no records)")
-    return records
+    if chunk:
+        yield chunk
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,8 +164,9 @@ def _first_line(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _load_hf(spec: str):
-    """A `datasets.Dataset` for a non-JSONL source, and the name its errors and records use."""
+def _load_hf(spec: str, log=print):
+    """A `datasets.Dataset` for a non-JSONL source, and the name its errors and records use. A dataset with several
+    configs and none given (openai/gsm8k) takes the first, saying so."""
     try:
         import datasets
     except ImportError:
@@ -174,7 +193,17 @@ def _load_hf(spec: str):
                 die(f"{where}: a single file has one split (train), not {split!r}")
             ds = datasets.load_dataset(builder, data_files=str(path), split="train")
         elif path.is_dir() or not (name.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_BUILDERS):
-            ds = datasets.load_dataset(name, config, split=split or "train")  # a hub id or a dataset repository
+            try:
+                ds = datasets.load_dataset(name, config, split=split or "train")  # a hub id or a dataset repository
+            except ValueError as e:
+                configs = re.search(r"Config name is missing.*?\[([^\]]*)\]", str(e), re.DOTALL)
+                if config is not None or not configs:
+                    raise
+                names = [c.strip().strip("'\"") for c in configs.group(1).split(",")]
+                config = names[0]
+                log(f"{name}: no config given; using {config!r} (the configs are: {', '.join(names)})")
+                where = f"{name}:{config}@{split or 'train'}"
+                ds = datasets.load_dataset(name, config, split=split or "train")
         else:
             die(f"dataset {name!r}: no such file or directory")
     except ConnectionError:
@@ -201,40 +230,104 @@ def _sharegpt(messages):
     return [{"role": roles.get(m["from"], m["from"]), "content": m["value"]} for m in messages]
 
 
-def read_records(spec: str | Path, opts: DataOptions | None = None, what: str = "--dataset") -> tuple[list[dict], str]:
-    """The rows of one source as our records (columns mapped, ShareGPT turns converted) and the source's display
-    name. Each record carries `_where` ("file:line" or "name@split row i") for later messages."""
-    opts = opts or DataOptions()
+@dataclass
+class Source:
+    """One opened source: its display name, the `datasets.Dataset` (None for our JSON Lines), the file it is read
+    from (JSON Lines), a fingerprint of its content (the tokenization cache key) and where its cache lives."""
+
+    name: str
+    ds: object | None
+    path: Path | None
+    fingerprint: str
+    cache_dir: Path
+
+
+def open_source(spec: str | Path, what: str = "--dataset", log=print) -> Source:
+    """Resolve a source spelling (see `SOURCE_HELP`) without reading its rows into memory."""
     spec = str(spec)
     if not spec:
         die(f"{what}: empty source")
     if spec.endswith(".jsonl"):  # our own records: read line by line, errors by line number
-        records, name = read_jsonl(spec), spec
-        for r in records:
-            r["_where"] = f"{spec}:{r['_line']}"
-        columns = None
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            die(f"{spec}: no such file")
+        stat = path.stat()
+        fingerprint = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        return Source(spec, None, path, fingerprint, path.resolve().parent / ".cleanpost-cache")
+    ds, name = _load_hf(spec, log)
+    files = [Path(f["filename"]) for f in getattr(ds, "cache_files", []) or []]
+    local = Path(parse_source(spec)[0]).expanduser()
+    if local.exists():  # next to the file or the saved dataset
+        cache_dir = local.resolve().parent / ".cleanpost-cache"
+    elif files:  # in the datasets cache, next to the Arrow files
+        cache_dir = files[0].parent / ".cleanpost-cache"
     else:
-        ds, name = _load_hf(spec)
-        columns = list(ds.column_names)
-        records = [{k: v for k, v in r.items() if v is not None} for r in ds.to_list()]  # null = absent
-        for i, r in enumerate(records):
-            r["_where"] = f"{name} row {i}"
-    # A source must have at least one of the mapped columns (a mixture's sources may each use some of them); what
-    # a record then lacks is reported by the shape checks, with the columns it has.
-    if opts.columns and columns is not None:
-        missing = [(o, t) for o, t in opts.columns.items() if t not in columns and o not in columns]
-        if len(missing) == len(opts.columns):
-            ours, theirs = missing[0]
-            die(f"{name}: --columns {ours}={theirs}: no column {theirs!r}; the columns are: {', '.join(columns)}")
-    for r in records:
-        for ours, theirs in opts.columns.items():
-            if theirs in r:
-                r[ours] = r[theirs]
-    for r in records:
-        for key in ("messages", "prompt", "completion", "chosen", "rejected"):
-            if key in r:
-                r[key] = _sharegpt(r[key])
-    return records, name
+        cache_dir = Path.home() / ".cache" / "cleanpost"
+    return Source(name, ds, None, f"{name}:{ds._fingerprint}:{len(ds)}", cache_dir)
+
+
+CHUNK_ROWS = 2_000  # rows read, tokenized and stored flat at a time (larger: more transient memory)
+
+
+def iter_records(source: Source, opts: DataOptions | None = None, chunk_size: int | None = None):
+    """The rows of one source as our records (columns mapped, ShareGPT turns converted), `chunk_size` rows at a
+    time (a dataset from its memory-mapped Arrow, our JSON Lines line by line). Each
+    record carries `_where` ("file:line" or "name@split row i") for later messages."""
+    opts, chunk_size = opts or DataOptions(), chunk_size or CHUNK_ROWS
+    name = source.name
+    if source.ds is None:
+
+        def lines():
+            for chunk in iter_jsonl(source.path, chunk_size):
+                for r in chunk:
+                    r["_where"] = f"{name}:{r['_line']}"
+                yield chunk
+
+        chunks = lines()
+    else:
+        columns = list(source.ds.column_names)
+        # A source must have at least one of the mapped columns (a mixture's sources may each use some of them);
+        # what a record then lacks is reported by the shape checks, with the columns it has.
+        if opts.columns:
+            missing = [(o, t) for o, t in opts.columns.items() if t not in columns and o not in columns]
+            if len(missing) == len(opts.columns):
+                ours, theirs = missing[0]
+                die(f"{name}: --columns {ours}={theirs}: no column {theirs!r}; the columns are: {', '.join(columns)}")
+
+        def rows():
+            for start in range(0, len(source.ds), chunk_size):
+                part = source.ds.select(range(start, min(start + chunk_size, len(source.ds)))).to_list()
+                chunk = [{k: v for k, v in r.items() if v is not None} for r in part]  # null = absent
+                for i, r in enumerate(chunk):
+                    r["_where"] = f"{name} row {start + i}"
+                yield chunk
+
+        chunks = rows()
+    for chunk in chunks:
+        for r in chunk:
+            for ours, theirs in opts.columns.items():
+                if theirs in r:
+                    r[ours] = r[theirs]
+            for key in ("messages", "prompt", "completion", "chosen", "rejected"):
+                if key in r:
+                    r[key] = _sharegpt(r[key])
+        yield chunk
+
+
+def source_size(source: Source) -> int:
+    """Rows of a source (non-blank lines of our JSON Lines)."""
+    if source.ds is not None:
+        return len(source.ds)
+    with source.path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def read_records(
+    spec: str | Path | Source, opts: DataOptions | None = None, what: str = "--dataset", log=print
+) -> tuple[list[dict], str]:
+    """Every row of one source as our records (see `iter_records`), and the source's display name."""
+    source = spec if isinstance(spec, Source) else open_source(spec, what, log)
+    return [r for chunk in iter_records(source, opts) for r in chunk], source.name
 
 
 def apply_prompt_options(record: dict, opts: DataOptions, field: str = "prompt") -> None:
@@ -428,36 +521,263 @@ def tokenize_sft_record(tokenizer, record: dict, path) -> tuple[list[int], list[
     return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
 
 
-def load_sft_dataset(spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None) -> list[dict]:
-    """Read and tokenize one SFT source. `--prompt-template` builds the prompt of prompt/completion rows,
-    `--system-prompt` opens every conversation that has no system turn. Examples longer than `max_length` are
-    truncated (counted and reported); examples left with no loss token are dropped (counted and reported).
-    Returns [{input_ids, labels}] as lists."""
-    opts = opts or DataOptions()
-    records, path = read_records(spec, opts)
-    for r in records:
-        if "messages" in r:
-            if opts.system_prompt:
-                apply_prompt_options(r, DataOptions(system_prompt=opts.system_prompt), "messages")
-        elif "completion" in r:
-            apply_prompt_options(r, opts)
-    examples, truncated, dropped = [], 0, 0
-    for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 20_000, leave=False):
-        ids, labels = tokenize_sft_record(tokenizer, r, path)
-        if len(ids) > max_length:
-            truncated += 1
-            ids, labels = ids[:max_length], labels[:max_length]
-        if not any(x != IGNORE_INDEX for x in labels[1:]):
-            dropped += 1
-            continue
-        examples.append({"input_ids": ids, "labels": labels})
-    if truncated:
-        log(f"{path}: truncated {truncated} of {len(records)} examples to --max-length {max_length}")
-    if dropped:
-        log(f"{path}: dropped {dropped} of {len(records)} examples with no loss tokens left")
-    if not examples:
-        die(f"{path}: no usable examples (all {len(records)} had no loss tokens within --max-length {max_length})")
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenized examples: stored flat (one int32 array of every example's tokens per field, plus offsets), so memory is
+# the token ids themselves (8 bytes a token for ids + labels, not a Python int object each), memory-mapped when read
+# from the cache. Tokenization runs in `--num-proc` processes and is cached next to the dataset, keyed by the
+# source's content, the tokenizer (vocabulary, chat template, template kwargs), the prompt options and max length.
+
+CACHE_VERSION = 1  # bump when tokenization changes what it produces (an edit of this file changes the key too)
+_CODE_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+
+
+class Examples:
+    """Tokenized examples, indexable like a list of dicts ({input_ids: [...], labels: [...]}: token fields as lists
+    of ints, made on access from the flat int32 storage; scalar fields as floats)."""
+
+    def __init__(self, tokens: dict[str, tuple[np.ndarray, np.ndarray]], scalars: dict[str, np.ndarray], n: int):
+        self.tokens, self.scalars, self.n = tokens, scalars, n  # tokens: field -> (values, offsets (n + 1,))
+
+    @classmethod
+    def from_examples(cls, examples: list[dict]) -> Examples:
+        first = examples[0]
+        tokens, scalars = {}, {}
+        for key, value in first.items():
+            if isinstance(value, np.ndarray):
+                lengths = np.fromiter((len(e[key]) for e in examples), dtype=np.int64, count=len(examples))
+                offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+                np.cumsum(lengths, out=offsets[1:])
+                tokens[key] = (np.concatenate([e[key] for e in examples]).astype(np.int32, copy=False), offsets)
+            else:
+                scalars[key] = np.asarray([e[key] for e in examples], dtype=np.float64)
+        return cls(tokens, scalars, len(examples))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        out = {key: values[offsets[i] : offsets[i + 1]].tolist() for key, (values, offsets) in self.tokens.items()}
+        out.update({key: float(values[i]) for key, values in self.scalars.items()})
+        return out
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n))
+
+    def to_list(self) -> list[dict]:
+        return list(self)
+
+    def num_tokens(self) -> int:
+        return int(sum(len(values) for values, _ in self.tokens.values()))
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        if len(parts) == 1:
+            return parts[0]
+        tokens = {
+            key: (np.concatenate([p.tokens[key][0] for p in parts]), _joined_offsets(parts, key))
+            for key in parts[0].tokens
+        }
+        scalars = {key: np.concatenate([p.scalars[key] for p in parts]) for key in parts[0].scalars}
+        return cls(tokens, scalars, sum(p.n for p in parts))
+
+    @staticmethod
+    def save(parts: list[Examples], directory: Path, meta: dict) -> None:
+        """Write the concatenation of `parts` to `directory` atomically (a temporary sibling renamed into place),
+        streaming: the file is written part by part, never held whole in memory a second time."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp", dir=directory.parent))
+        for key in parts[0].tokens:
+            with (tmp / f"{key}.npy").open("wb") as f:
+                shape = (sum(len(p.tokens[key][0]) for p in parts),)
+                np.lib.format.write_array_header_1_0(f, {"descr": "<i4", "fortran_order": False, "shape": shape})
+                for p in parts:
+                    f.write(np.ascontiguousarray(p.tokens[key][0], dtype="<i4").tobytes())
+            np.save(tmp / f"{key}.offsets.npy", _joined_offsets(parts, key))
+        for key in parts[0].scalars:
+            np.save(tmp / f"{key}.scalar.npy", np.concatenate([p.scalars[key] for p in parts]))
+        n = sum(p.n for p in parts)
+        meta = {**meta, "n": n, "tokens": list(parts[0].tokens), "scalars": list(parts[0].scalars)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        try:
+            os.replace(tmp, directory)
+        except OSError:  # another process (a torchrun rank) wrote it first: same content
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[Examples, dict]:
+        meta = json.loads((directory / "meta.json").read_text())
+        tokens = {
+            key: (np.load(directory / f"{key}.npy", mmap_mode="r"), np.load(directory / f"{key}.offsets.npy"))
+            for key in meta["tokens"]
+        }
+        scalars = {key: np.load(directory / f"{key}.scalar.npy") for key in meta["scalars"]}
+        return cls(tokens, scalars, meta["n"]), meta
+
+
+def _joined_offsets(parts: list[Examples], key: str) -> np.ndarray:
+    """The offsets of the concatenated token arrays of field `key`."""
+    out, shift = [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:
+        offsets = p.tokens[key][1]
+        out.append(offsets[1:] + shift)
+        shift += int(offsets[-1])
+    return np.concatenate(out)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What decides a tokenization: the vocabulary and its rules, the special tokens, the chat template and the
+    run's template kwargs."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab()).encode())
+    extra = getattr(tokenizer, "cleanpost_template_kwargs", None) or {}
+    settings = (type(tokenizer).__name__, tokenizer.chat_template, json.dumps(extra, sort_keys=True))
+    settings += (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "add_bos_token", 0))
+    h.update(repr(settings).encode())
+    return h.hexdigest()
+
+
+def tokenized(spec, kind: str, tokenizer, max_length: int, opts: DataOptions, build, log=print) -> Examples:
+    """`build(source) -> (Examples, notes)` run once per (source content, tokenizer, prompt options, max length):
+    the result is cached in `.cleanpost-cache/` next to the dataset (in `~/.cache/cleanpost` where that is not
+    writable; `CLEANPOST_NO_DATA_CACHE=1` turns the cache off) and later runs read it memory-mapped. Its notes
+    (truncated / dropped counts) are printed either way."""
+    source = spec if isinstance(spec, Source) else open_source(spec, log=log)
+    key = hashlib.sha256(
+        json.dumps(
+            [CACHE_VERSION, _CODE_HASH, kind, source.fingerprint, tokenizer_fingerprint(tokenizer), max_length,
+             opts.columns, opts.prompt_template, opts.system_prompt]
+        ).encode()
+    ).hexdigest()[:20]  # fmt: skip
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(source.name.split("@")[0]).name)[:60]
+    use_cache = os.environ.get("CLEANPOST_NO_DATA_CACHE", "") in ("", "0")
+    candidates = [
+        source.cache_dir / f"{stem}.{kind}.{key}",
+        Path.home() / ".cache" / "cleanpost" / f"{stem}.{kind}.{key}",
+    ]
+    for directory in candidates if use_cache else []:
+        if (directory / "meta.json").is_file():
+            examples, meta = Examples.load(directory)
+            for note in meta["notes"]:
+                log(note)
+            log(f"{source.name}: {len(examples)} tokenized examples read from the cache {directory}")
+            return examples
+    t0 = time.time()
+    parts, notes = build(source)
+    for note in notes:
+        log(note)
+    saved = None
+    if use_cache:
+        meta = {"source": source.name, "kind": kind, "max_length": max_length, "notes": notes}
+        for directory in candidates:
+            try:
+                Examples.save(parts, directory, meta)
+                saved = directory
+                break
+            except OSError:
+                continue
+    if saved is not None:
+        del parts  # read back memory-mapped: the run holds no second copy of the token ids
+        examples, _ = Examples.load(saved)
+    else:
+        examples = Examples.concat(parts)
+    rate = len(examples) / max(time.time() - t0, 1e-9)
+    log(
+        f"{source.name}: tokenized {len(examples)} examples ({rate:,.0f}/s)" + (f", cached in {saved}" if saved else "")
+    )
     return examples
+
+
+_WORKER_FN = None  # the per-record function of a parallel tokenization, inherited by the forked workers
+
+
+def _map_chunk(chunk: list[dict]):
+    out = []
+    for record in chunk:
+        try:
+            out.append(_WORKER_FN(record))
+        except SystemExit as e:  # a bad record: its one line goes back to the parent, which stops the run
+            return out, str(e.code)
+    return out, None
+
+
+def _map_records(chunks, fn, num_proc: int, source: Source):
+    """Yields `[fn(r) for r in chunk]` for each chunk, computed in `num_proc` forked processes when > 1, with a
+    progress bar on long work. A bad record stops the run with its line (the first in record order)."""
+    total = source_size(source)
+    bar = tqdm(total=total, desc=f"tokenizing {Path(source.name).name}", disable=total < 10_000, leave=False)
+    global _WORKER_FN
+    try:
+        if num_proc <= 1:
+            for chunk in chunks:
+                yield [fn(r) for r in chunk]
+                bar.update(len(chunk))
+            return
+        _WORKER_FN = fn
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+        with multiprocessing.get_context("fork").Pool(num_proc) as pool:
+            for chunk in chunks:
+                size = max(1, min(500, len(chunk) // (4 * num_proc)))
+                out = []
+                for results, error in pool.imap(_map_chunk, [chunk[i : i + size] for i in range(0, len(chunk), size)]):
+                    if error is not None:
+                        pool.terminate()
+                        raise SystemExit(error)
+                    out.extend(results)
+                yield out
+                bar.update(len(chunk))
+    finally:
+        _WORKER_FN = None
+        bar.close()
+
+
+def _sft_example(tokenizer, max_length: int, path: str, record: dict):
+    """(example or None, truncated?) of one SFT record; None when no loss token is left."""
+    ids, labels = tokenize_sft_record(tokenizer, record, path)
+    truncated = len(ids) > max_length
+    ids, labels = ids[:max_length], labels[:max_length]
+    if not any(x != IGNORE_INDEX for x in labels[1:]):
+        return None, truncated
+    return {"input_ids": np.asarray(ids, dtype=np.int32), "labels": np.asarray(labels, dtype=np.int32)}, truncated
+
+
+def load_sft_dataset(
+    spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None, num_proc: int = 1
+) -> Examples:
+    """Read and tokenize one SFT source (in `num_proc` processes; cached, see `tokenized`). `--prompt-template`
+    builds the prompt of prompt/completion rows, `--system-prompt` opens every conversation that has no system
+    turn. Examples longer than `max_length` are truncated (counted and reported); examples left with no loss token
+    are dropped (counted and reported). Returns `Examples` of {input_ids, labels}."""
+    opts = opts or DataOptions()
+
+    def prepare(records: list[dict]) -> list[dict]:
+        for r in records:
+            if "messages" in r:
+                if opts.system_prompt:
+                    apply_prompt_options(r, DataOptions(system_prompt=opts.system_prompt), "messages")
+            elif "completion" in r:
+                apply_prompt_options(r, opts)
+        return records
+
+    def build(source: Source):
+        path = source.name
+        chunks = (prepare(c) for c in iter_records(source, opts))
+        parts, n, kept, truncated = [], 0, 0, 0
+        for results in _map_records(chunks, partial(_sft_example, tokenizer, max_length, path), num_proc, source):
+            examples = [e for e, _ in results if e is not None]
+            n, kept, truncated = n + len(results), kept + len(examples), truncated + sum(t for _, t in results)
+            parts += [Examples.from_examples(examples)] if examples else []  # flat per chunk: the ids, no more
+        notes = [f"{path}: truncated {truncated} of {n} examples to --max-length {max_length}"] if truncated else []
+        if kept < n:
+            notes.append(f"{path}: dropped {n - kept} of {n} examples with no loss tokens left")
+        if not kept:
+            die(f"{path}: no usable examples (all {n} had no loss tokens within --max-length {max_length})")
+        return parts, notes
+
+    return tokenized(spec, "sft", tokenizer, max_length, opts, build, log)
 
 
 def _as_turns(value, role: str, path, record, field: str) -> list[dict]:
@@ -503,61 +823,83 @@ def _is_conversation(value) -> bool:
     return isinstance(value, list) and any(isinstance(m, dict) and m.get("role") != "assistant" for m in value)
 
 
-def load_preference_dataset(spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None):
+def load_preference_dataset(
+    spec, tokenizer, max_length: int, log=print, opts: DataOptions | None = None, num_proc: int = 1
+) -> Examples:
     """Read and tokenize preference pairs, in TRL's two shapes: explicit {"prompt", "chosen", "rejected"} (strings,
     or message lists: a prompt conversation and assistant turns) and implicit {"chosen", "rejected"} as whole
     conversations, whose shared first turns are the prompt (a `prompt` column is then ignored, as TRL does). An
     optional numeric "margin". Loss tokens are the response's only. Pairs whose chosen equals rejected carry no
     preference: dropped, counted and reported; so are pairs with a response truncated away by `max_length`
-    (longer ones are truncated, counted and reported).
-    Returns [{chosen_ids, chosen_labels, rejected_ids, rejected_labels, margin}]."""
+    (longer ones are truncated, counted and reported). Tokenized in `num_proc` processes and cached (`tokenized`).
+    Returns `Examples` of {chosen_ids, chosen_labels, rejected_ids, rejected_labels, margin}."""
     opts = opts or DataOptions()
-    records, path = read_records(spec, opts)
-    require_fields(records, path, ("chosen", "rejected"))
-    for r in records:
-        for side in ("chosen", "rejected"):
-            if isinstance(r[side], list):
-                _check_messages(r[side], path, r, side)
-        if _is_conversation(r["chosen"]) and _is_conversation(r["rejected"]):
-            r["prompt"], r["chosen"], r["rejected"] = split_implicit_prompt(r["chosen"], r["rejected"], r["_where"])
-        elif "prompt" not in r and opts.prompt_template is None:
-            die(f"{_where(path, r)}: missing field 'prompt' (or give 'chosen' and 'rejected' as whole conversations)")
-        apply_prompt_options(r, opts)
-    pairs, same, truncated, dropped = [], 0, 0, 0
-    for r in tqdm(records, desc=f"tokenizing {Path(path).name}", disable=len(records) < 10_000, leave=False):
-        prompt = _as_turns(r["prompt"], "user", path, r, "prompt")
-        margin = r.get("margin", 0.0)
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            die(f"{_where(path, r)}: field 'margin' must be a number, got {margin!r}")
-        pair = {"margin": float(margin)}
-        for side in ("chosen", "rejected"):
-            response = _as_turns(r[side], "assistant", path, r, side)
-            if not any(m["role"] == "assistant" for m in response):
-                die(f"{_where(path, r)}: field '{side}' has no assistant message")
-            try:
-                ids, labels = tokenize_pair_side(tokenizer, prompt, response)
-            except ValueError as e:
-                die(f"{_where(path, r)}: {e}")
-            if len(ids) > max_length:
-                truncated += 1
-                ids, labels = ids[:max_length], labels[:max_length]
-            pair[f"{side}_ids"], pair[f"{side}_labels"] = ids, labels
-        if pair["chosen_ids"] == pair["rejected_ids"]:
-            same += 1
-            continue
-        if not all(any(x != IGNORE_INDEX for x in pair[f"{s}_labels"][1:]) for s in ("chosen", "rejected")):
-            dropped += 1
-            continue
-        pairs.append(pair)
-    if same:
-        log(f"warning: {path}: dropped {same} of {len(records)} pairs whose chosen and rejected are identical")
-    if truncated:
-        log(f"{path}: truncated {truncated} responses of {len(records)} pairs to --max-length {max_length}")
-    if dropped:
-        log(f"{path}: dropped {dropped} of {len(records)} pairs with a response truncated away")
-    if not pairs:
-        die(f"{path}: no usable preference pairs (of {len(records)})")
-    return pairs
+
+    def prepare(records: list[dict]) -> list[dict]:
+        for r in records:
+            path = r["_where"]
+            require_fields([r], path, ("chosen", "rejected"))
+            for side in ("chosen", "rejected"):
+                if isinstance(r[side], list):
+                    _check_messages(r[side], path, r, side)
+            if _is_conversation(r["chosen"]) and _is_conversation(r["rejected"]):
+                r["prompt"], r["chosen"], r["rejected"] = split_implicit_prompt(r["chosen"], r["rejected"], r["_where"])
+            elif "prompt" not in r and opts.prompt_template is None:
+                die(
+                    f"{_where(path, r)}: missing field 'prompt' (or give 'chosen' and 'rejected' as whole conversations)"
+                )
+            apply_prompt_options(r, opts)
+        return records
+
+    def build(source: Source):
+        path = source.name
+        chunks = (prepare(c) for c in iter_records(source, opts))
+        parts, n, kept, same, dropped, truncated = [], 0, 0, 0, 0, 0
+        for results in _map_records(chunks, partial(_pair_example, tokenizer, max_length, path), num_proc, source):
+            pairs = [pair for pair, status, _ in results if status == "ok"]
+            n, kept = n + len(results), kept + len(pairs)
+            same += sum(status == "same" for _, status, _ in results)
+            dropped += sum(status == "dropped" for _, status, _ in results)
+            truncated += sum(t for _, _, t in results)
+            parts += [Examples.from_examples(pairs)] if pairs else []
+        notes = (
+            [f"warning: {path}: dropped {same} of {n} pairs whose chosen and rejected are identical"] if same else []
+        )
+        if truncated:
+            notes.append(f"{path}: truncated {truncated} responses of {n} pairs to --max-length {max_length}")
+        if dropped:
+            notes.append(f"{path}: dropped {dropped} of {n} pairs with a response truncated away")
+        if not kept:
+            die(f"{path}: no usable preference pairs (of {n})")
+        return parts, notes
+
+    return tokenized(spec, "pairs", tokenizer, max_length, opts, build, log)
+
+
+def _pair_example(tokenizer, max_length: int, path: str, r: dict):
+    """(pair, "ok" | "same" | "dropped", responses truncated) of one preference record."""
+    prompt = _as_turns(r["prompt"], "user", path, r, "prompt")
+    margin = r.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        die(f"{_where(path, r)}: field 'margin' must be a number, got {margin!r}")
+    pair, truncated = {"margin": float(margin)}, 0
+    for side in ("chosen", "rejected"):
+        response = _as_turns(r[side], "assistant", path, r, side)
+        if not any(m["role"] == "assistant" for m in response):
+            die(f"{_where(path, r)}: field '{side}' has no assistant message")
+        try:
+            ids, labels = tokenize_pair_side(tokenizer, prompt, response)
+        except ValueError as e:
+            die(f"{_where(path, r)}: {e}")
+        truncated += len(ids) > max_length
+        pair[f"{side}_ids"], pair[f"{side}_labels"] = ids[:max_length], labels[:max_length]
+    if pair["chosen_ids"] == pair["rejected_ids"]:
+        return None, "same", truncated
+    if not all(any(x != IGNORE_INDEX for x in pair[f"{s}_labels"][1:]) for s in ("chosen", "rejected")):
+        return None, "dropped", truncated
+    for key in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
+        pair[key] = np.asarray(pair[key], dtype=np.int32)
+    return pair, "ok", truncated
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,6 +931,26 @@ def step_indices(num_examples: int, batch_size: int, step: int, seed: int) -> li
     return perm[k * batch_size : (k + 1) * batch_size]
 
 
+class _Concat:
+    """Several sequences indexed as one (without copying them)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+    def __iter__(self):
+        return (x for p in self.parts for x in p)
+
+
 class Mixture:
     """The training sources of a run (`--dataset A B ...`) drawn in proportion to `--dataset-weights`.
 
@@ -607,7 +969,7 @@ class Mixture:
             die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
         self.sizes = [len(p) for p in parts]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(parts))]
-        self.items = [x for p in parts for x in p]
+        self.items = parts[0] if len(parts) == 1 else _Concat(parts)
         self.weights = torch.tensor(weights, dtype=torch.float64) / sum(weights)
         stems = [Path(str(n).split("@")[0].split("[")[0]).stem or str(n) for n in names]
         self.names = [s if stems.count(s) == 1 else f"{s}_{i}" for i, s in enumerate(stems)]
@@ -670,8 +1032,8 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
-        input_ids[i, :n] = torch.tensor(e["input_ids"])
-        labels[i, :n] = torch.tensor(e["labels"])
+        input_ids[i, :n] = torch.from_numpy(np.asarray(e["input_ids"], dtype=np.int64))  # lists or int32 arrays
+        labels[i, :n] = torch.from_numpy(np.asarray(e["labels"], dtype=np.int64))
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 

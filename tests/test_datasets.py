@@ -10,12 +10,14 @@ import datasets
 import pytest
 from conftest import ROOT, run_script
 
+import common.data
 from common.data import (
     DataOptions,
     Mixture,
     data_options,
     load_preference_dataset,
     load_prompts,
+    load_sft_dataset,
     parse_source,
     read_records,
     split_implicit_prompt,
@@ -116,6 +118,10 @@ def test_every_local_shape_reads_into_records(shapes):
     assert len(rows) == 2
     rows, _ = read_records(f"{shapes['repo']}:socratic")
     assert len(rows) == 1
+    lines = []  # no config given, several exist (openai/gsm8k): the first, said once
+    rows, name = read_records(str(shapes["repo"]), log=lines.append)
+    assert len(rows) == len(GSM8K) and name.endswith("repo:main@train")
+    assert lines == [f"{shapes['repo']}: no config given; using 'main' (the configs are: main, socratic)"]
 
 
 @pytest.mark.parametrize(
@@ -206,7 +212,54 @@ def test_implicit_prompt_splits_where_the_conversations_diverge(shapes, chat_tok
     ]
     path = shapes["gsm8k"].parent / "explicit.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in explicit_rows))
-    assert implicit == load_preference_dataset(str(path), chat_tokenizer, 256)
+    assert implicit.to_list() == load_preference_dataset(str(path), chat_tokenizer, 256).to_list()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization: parallel and cached
+
+
+def test_tokenization_is_cached_and_parallel(tmp_path, chat_tokenizer, monkeypatch):
+    monkeypatch.delenv("CLEANPOST_NO_DATA_CACHE", raising=False)
+    rows = [{"prompt": f"What is {a}+{b}?", "completion": str(a + b)} for a in range(30) for b in range(5)]
+    path = tmp_path / "pc.parquet"
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    lines = []
+    first = load_sft_dataset(str(path), chat_tokenizer, 64, log=lines.append)
+    assert "tokenized 150 examples" in lines[-1] and "cached in" in lines[-1]
+    parallel = load_sft_dataset(str(path), chat_tokenizer, 64, log=lines.append, num_proc=2)  # the cache: no work
+    assert "read from the cache" in lines[-1] and parallel.to_list() == first.to_list()
+    # a different template, max length or tokenizer setting is a different key: tokenized again, here in 2 processes
+    opts = data_options(prompt_template="Q: {prompt}")
+    fresh = load_sft_dataset(str(path), chat_tokenizer, 64, log=lines.append, opts=opts, num_proc=2)
+    assert "tokenized 150 examples" in lines[-1]
+    assert fresh.to_list() == load_sft_dataset(str(path), chat_tokenizer, 64, opts=opts, log=lines.append).to_list()
+    assert "read from the cache" in lines[-1] and fresh.to_list() != first.to_list()
+    # another --max-length: tokenized again; its truncation and drop notes come back from the cache too
+    notes = []
+    load_sft_dataset(str(path), chat_tokenizer, 32, log=notes.append)
+    assert "tokenized 50 examples" in notes[-1] and "truncated 150 of 150" in notes[0] and "dropped 100" in notes[1]
+    load_sft_dataset(str(path), chat_tokenizer, 32, log=notes.append)
+    assert notes[3:5] == notes[:2] and "read from the cache" in notes[-1]
+    # no cache at all when asked; and read, tokenized and stored a chunk at a time, the same examples
+    monkeypatch.setenv("CLEANPOST_NO_DATA_CACHE", "1")
+    load_sft_dataset(str(path), chat_tokenizer, 64, log=lines.append)
+    assert "tokenized 150 examples" in lines[-1] and "cached in" not in lines[-1]
+    monkeypatch.setattr(common.data, "CHUNK_ROWS", 16)
+    for num_proc in (1, 2):
+        assert load_sft_dataset(str(path), chat_tokenizer, 64, num_proc=num_proc).to_list() == first.to_list()
+    monkeypatch.delenv("CLEANPOST_NO_DATA_CACHE")
+    chunked = load_sft_dataset(str(path), chat_tokenizer, 63, log=lines.append)  # a new key: written in 10 parts
+    assert "cached in" in lines[-1] and chunked.to_list() == load_sft_dataset(str(path), chat_tokenizer, 63).to_list()
+    assert [e["input_ids"] for e in chunked] == [e["input_ids"][:63] for e in first]
+
+
+def test_a_bad_record_in_a_worker_stops_the_run_with_its_line(tmp_path, chat_tokenizer):
+    path = tmp_path / "bad.jsonl"
+    rows = [{"prompt": "What is 1+1?", "completion": "2"}] * 40 + [{"prompt": "What is 1+1?"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=r"bad.jsonl:41: missing field 'completion'"):
+        load_sft_dataset(str(path), chat_tokenizer, 64, num_proc=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
