@@ -35,6 +35,8 @@ class Args:
 def main(args: Args) -> None:
     import datasets
 
+    datasets.disable_progress_bars()
+
     held_out = {json.loads(line)["prompt"] for line in Path(args.eval_prompts).read_text().splitlines() if line}
     rows = [
         as_conversation(t) for skill in GENERAL_SKILLS for t in make_tasks(skill, args.per_skill, args.seed, held_out)
