@@ -352,10 +352,28 @@ def apply_prompt_options(record: dict, opts: DataOptions, field: str = "prompt")
         record[field] = prompt
 
 
-def load_prompts(spec: str, fields: tuple[str, ...], opts: DataOptions | None = None, what: str = "--dataset"):
-    """Prompt records (RL training, greedy evaluation) of one source, `fields` required, prompt options applied."""
+PROMPT_COLUMNS = ("question", "problem", "query", "instruction")  # what prompt datasets call the prompt
+ANSWER_COLUMNS = ("solution", "final_answer")  # ... and the reference answer (GSM8K's is already `answer`)
+
+
+def load_prompts(
+    spec: str, fields: tuple[str, ...], opts: DataOptions | None = None, what: str = "--dataset", log=print
+) -> list[dict]:
+    """Prompt records (RL training, greedy evaluation) of one source, `fields` required, prompt options applied.
+    A required `prompt` / `answer` that no `--columns` or `--prompt-template` provides is taken from the first
+    column of `PROMPT_COLUMNS` / `ANSWER_COLUMNS` every row has (GSM8K's `question`, MATH's `problem` and
+    `solution`), saying so in one line."""
     opts = opts or DataOptions()
-    records, name = read_records(spec, opts, what)
+    records, name = read_records(spec, opts, what, log)
+    for ours, candidates in (("prompt", PROMPT_COLUMNS), ("answer", ANSWER_COLUMNS)):
+        given = ours in opts.columns or (ours == "prompt" and opts.prompt_template is not None)
+        if ours not in fields or given or all(ours in r for r in records):
+            continue
+        found = next((c for c in candidates if all(c in r for r in records)), None)
+        if found is not None:
+            log(f"{name}: no '{ours}' column; using '{found}' (--columns {ours}=COLUMN picks another)")
+            for r in records:
+                r.setdefault(ours, r[found])
     for r in records:
         apply_prompt_options(r, opts)
     require_fields(records, name, fields)

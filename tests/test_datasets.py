@@ -148,8 +148,23 @@ def test_columns_map_fields_and_a_missing_column_lists_the_columns(shapes):
     assert records[0]["prompt"] == GSM8K[0]["question"] and records[0]["answer"] == GSM8K[0]["answer"]
     with pytest.raises(SystemExit, match=r"no column 'query'; the columns are: question, answer"):
         read_records(str(shapes["gsm8k"]), data_options(columns="prompt=query"))
-    with pytest.raises(SystemExit, match=r"missing field 'prompt'"):  # unmapped: our field is not there
-        load_prompts(str(shapes["gsm8k"]), ("prompt", "answer"))
+    lines = []  # unmapped: GSM8K's `question`, MATH's `problem` and `solution` are taken, saying so
+    assert (
+        load_prompts(str(shapes["gsm8k"]), ("prompt", "answer"), log=lines.append)[1]["prompt"] == GSM8K[1]["question"]
+    )
+    math_rows = load_prompts(str(shapes["math"]), ("prompt", "answer"), log=lines.append)
+    assert math_rows[0]["prompt"] == MATH[0]["problem"] and math_rows[0]["answer"] == MATH[0]["solution"]
+    assert lines[0].endswith(
+        "gsm8k.parquet@train: no 'prompt' column; using 'question' (--columns prompt=COLUMN picks another)"
+    )
+    assert [line.split(": ", 1)[1] for line in lines[1:]] == [
+        "no 'prompt' column; using 'problem' (--columns prompt=COLUMN picks another)",
+        "no 'answer' column; using 'solution' (--columns answer=COLUMN picks another)",
+    ]
+    odd = shapes["gsm8k"].parent / "odd.parquet"
+    datasets.Dataset.from_list([{"q": "What is 1+1?", "a": "2"}]).to_parquet(str(odd))
+    with pytest.raises(SystemExit, match=r"row 0: missing field 'prompt' \(the record has: q, a; --columns maps"):
+        load_prompts(str(odd), ("prompt", "answer"))
     for bad in ("prompt", "prompt=", "=question"):
         with pytest.raises(SystemExit, match=r"--columns .*FIELD=COLUMN"):
             data_options(columns=bad)
