@@ -109,13 +109,10 @@ def data_options(args=None, *, columns: str | None = None, prompt_template: str 
     `--dataset` / `--dataset-weights` counts), checked before any compute: one line for a malformed value."""
     if args is not None:
         columns, prompt_template, system_prompt = args.columns, args.prompt_template, args.system_prompt
-        sources, weights = list(args.dataset), args.dataset_weights
-        if not sources:
+        if not args.dataset:
             die("--dataset: give at least one source")
-        if weights is not None and len(weights) != len(sources):
-            die(f"--dataset-weights has {len(weights)} values for {len(sources)} --dataset sources")
-        if weights is not None and not all(math.isfinite(w) and w > 0 for w in weights):
-            die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
+        if args.dataset_weights is not None:
+            check_weights(args.dataset_weights, len(args.dataset))
     mapping = {}
     for item in filter(None, (part.strip() for part in (columns or "").split(","))):
         ours, sep, theirs = (x.strip() for x in item.partition("="))
@@ -132,6 +129,14 @@ def data_options(args=None, *, columns: str | None = None, prompt_template: str 
         if any(not n or not n.isidentifier() for n in names):
             die(f"--prompt-template {prompt_template!r}: every {{...}} must name a column, e.g. {{question}}")
     return DataOptions(mapping, prompt_template, system_prompt or None)
+
+
+def check_weights(weights, num_sources: int) -> None:
+    """`--dataset-weights`: one positive number per `--dataset` source, or one line naming the flag."""
+    if len(weights) != num_sources:
+        die(f"--dataset-weights has {len(weights)} values for {num_sources} --dataset sources")
+    if not all(math.isfinite(w) and w > 0 for w in weights):
+        die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
 
 
 def parse_source(spec: str) -> tuple[str, str | None, str | None, str | None]:
@@ -342,14 +347,16 @@ def apply_prompt_options(record: dict, opts: DataOptions, field: str = "prompt")
         except (IndexError, ValueError, AttributeError) as e:
             die(f"{record['_where']}: --prompt-template: {_first_line(e)}")
     if opts.system_prompt and field in record:
-        prompt = record[field]
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, list) and not (
-            prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
-        ):
-            prompt = [{"role": "system", "content": opts.system_prompt}] + prompt
-        record[field] = prompt
+        record[field] = with_system_prompt(record[field], opts.system_prompt)
+
+
+def with_system_prompt(prompt, system_prompt: str):
+    """A prompt (string or message list) as messages opening with `system_prompt`, unless it has a system turn."""
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and not (prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"):
+        prompt = [{"role": "system", "content": system_prompt}] + prompt
+    return prompt
 
 
 PROMPT_COLUMNS = ("question", "problem", "query", "instruction")  # what prompt datasets call the prompt
@@ -647,15 +654,18 @@ def _joined_offsets(parts: list[Examples], key: str) -> np.ndarray:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """What decides a tokenization: the vocabulary and its rules, the special tokens, the chat template and the
-    run's template kwargs."""
-    h = hashlib.sha256()
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab()).encode())
+    run's template kwargs. The vocabulary's hash (MBs of `tokenizer.json` for a 150k vocabulary) is computed once per
+    tokenizer object and size, not once per source."""
     extra = getattr(tokenizer, "cleanpost_template_kwargs", None) or {}
     settings = (type(tokenizer).__name__, tokenizer.chat_template, json.dumps(extra, sort_keys=True))
     settings += (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, getattr(tokenizer, "add_bos_token", 0))
-    h.update(repr(settings).encode())
-    return h.hexdigest()
+    memo = getattr(tokenizer, "_cleanpost_vocab_hash", None)
+    if memo is None or memo[0] != len(tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        vocab = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab())
+        memo = (len(tokenizer), hashlib.sha256(vocab.encode()).hexdigest())
+        tokenizer._cleanpost_vocab_hash = memo
+    return hashlib.sha256(repr((memo[1], settings)).encode()).hexdigest()
 
 
 def tokenized(spec, kind: str, tokenizer, max_length: int, opts: DataOptions, build, log=print) -> Examples:
@@ -775,7 +785,7 @@ def load_sft_dataset(
         for r in records:
             if "messages" in r:
                 if opts.system_prompt:
-                    apply_prompt_options(r, DataOptions(system_prompt=opts.system_prompt), "messages")
+                    r["messages"] = with_system_prompt(r["messages"], opts.system_prompt)
             elif "completion" in r:
                 apply_prompt_options(r, opts)
         return records
@@ -980,11 +990,8 @@ class Mixture:
     `data/share/<name>`)."""
 
     def __init__(self, parts: list[list], names: list[str], weights: list[float] | None = None):
-        if weights is not None and len(weights) != len(parts):
-            die(f"--dataset-weights has {len(weights)} values for {len(parts)} --dataset sources")
         weights = list(weights) if weights is not None else [float(len(p)) for p in parts]  # default: by size
-        if not all(math.isfinite(w) and w > 0 for w in weights):
-            die(f"--dataset-weights {' '.join(map(str, weights))}: every weight must be a positive number")
+        check_weights(weights, len(parts))
         self.sizes = [len(p) for p in parts]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(parts))]
         self.items = parts[0] if len(parts) == 1 else _Concat(parts)
