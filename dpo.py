@@ -18,11 +18,9 @@ are the metrics to watch: the margin should grow, and the chosen reward should n
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,7 +39,6 @@ from common.data import (
 )
 from common.logprobs import token_logprobs
 from common.model import (
-    find_checkpoint,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -51,7 +48,7 @@ from common.model import (
 )
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -221,6 +218,7 @@ def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps,
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python dpo.py`)
+    args, ckpt, run_dir = open_run(args, "dpo")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
@@ -231,10 +229,6 @@ def main(args: Args) -> None:
         die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     if args.label_smoothing and args.loss_type != "sigmoid":
         die("--label-smoothing applies to --loss-type sigmoid only")
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("dpo", args.seed))
-    )
     torch.manual_seed(args.seed)
     average = args.loss_type == "ipo"
 
@@ -298,9 +292,6 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="dpo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step"
@@ -449,4 +440,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

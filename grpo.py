@@ -25,22 +25,19 @@ groups (a group never straddles processes), with the loss normalized over all pr
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 import tyro
 
 from common import die, dist
-from common.data import Mixture, check_batch_sizes, data_options, load_prompts
-from common.generation import generate
+from common.data import Mixture, check_batch_sizes, data_options, fit_prompts, load_prompts, prompt_budget
+from common.generation import derive_seed, generate
 from common.logprobs import completion_logprobs
 from common.model import (
-    find_checkpoint,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -51,9 +48,9 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import compute_rewards, eval_reward_fn, load_reward_fn
+from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -118,6 +115,9 @@ class Args:
     """completions per prompt (G)"""
     max_new_tokens: int = 8
     """completion budget; a completion without EOS by then is truncated"""
+    max_prompt_length: int | None = None
+    """prompts longer than this many tokens (after the chat template) are dropped and counted when the data is
+    loaded, for training and evaluation (default: the model's context length minus --max-new-tokens)"""
     temperature: float = 1.0
     """sampling temperature, applied to the training log-probs as well"""
     top_p: float = 1.0
@@ -128,8 +128,8 @@ class Args:
     """with --dynamic-sampling: extra sampling rounds per step before training on what there is"""
     generation_batch_size: int | None = None
     """completions per generate call in each process (default: all of the process's completions of the step);
-    call k of process r samples with seed (seed, step) + its global index, so any process count gives the same
-    completions when this is the same"""
+    call k of process r samples with the seed derived from (seed, step, round, its global index), so any process
+    count gives the same completions when this is the same"""
     # optimization
     max_steps: int = 150
     """steps (rollout batches)"""
@@ -255,6 +255,7 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device, voca
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
+    args, ckpt, run_dir = open_run(args, "grpo")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")  # whole groups per process
     world = dist.world_size()
@@ -282,22 +283,30 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn, weights)  # the verifier of eval/accuracy
+    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
+    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
     train = Mixture(
-        [load_prompts(source, ("prompt", "answer"), data_opts) for source in args.dataset],
+        [
+            fit_prompts(load_prompts(source, ("prompt", "answer"), data_opts), tokenizer, max_prompt, source)
+            for source in args.dataset
+        ],
         args.dataset,
         args.dataset_weights,
     )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    check_reward_fns(args.reward_fn, reward_fns, weights, prompts)  # a broken function fails now, not at step 1
     eval_records = (
-        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
-    )
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("grpo", args.seed))
+        fit_prompts(
+            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
+            tokenizer,
+            max_prompt,
+            "--eval-prompts",
+        )
+        if args.eval_prompts
+        else []
     )
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)
     policy = load_model(
         str(ckpt) if ckpt else args.model,
@@ -327,9 +336,6 @@ def main(args: Args) -> None:
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     start_step = load_trainer_state(ckpt, optimizer, scheduler, policy)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="grpo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {rollout_size} completions/step, "
@@ -338,6 +344,7 @@ def main(args: Args) -> None:
         + (f" in each of {world} processes" if world > 1 else "")
         + ", "
         f"reference {'in the loss' if args.beta else 'KL probe from host memory' if ref else 'none'}"
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
     tracker.write(train.describe(data_opts))
 
@@ -377,8 +384,7 @@ def main(args: Args) -> None:
                 temperature=args.temperature,
                 top_p=args.top_p,
                 batch_size=gen_batch,
-                seed=args.seed * 1_000_003 + step * 101 + round_,
-                seed_each_batch=True,
+                seed_key=(args.seed, step, round_),
             )
             gen_tokens += int(out["completion_mask"].sum())
             answers = [r["answer"] for r in batch for _ in range(args.group_size)]
@@ -438,7 +444,9 @@ def main(args: Args) -> None:
         stats = {k: [] for k in ("loss", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}  # per update
         train_tokens, skipped = torch.zeros((), device=device), 0  # on the device: one host sync per optimizer step
         for it in range(args.num_iterations):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + it))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(derive_seed(args.seed, "minibatch", step, it))
+            )
             for b0 in range(0, n, local_batch):  # with --dynamic-sampling n may fall short of a whole batch
                 rows = order[b0 : b0 + local_batch]
                 if args.beta == 0 and not dist.all_reduce(float(advantages[rows].any()), "max"):
@@ -538,8 +546,9 @@ def main(args: Args) -> None:
     if args.save_every and args.max_steps % args.save_every == 0:
         save_checkpoint(run_dir, args.max_steps, policy, tokenizer, optimizer, scheduler)
     tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
     if dist.is_main():
-        print(f"saved {final}")
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 def _stack_groups(groups: list[dict], pad_id: int) -> dict:
@@ -565,4 +574,4 @@ def _stack_groups(groups: list[dict], pad_id: int) -> dict:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

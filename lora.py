@@ -22,7 +22,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +45,6 @@ from common.data import (
 )
 from common.logprobs import token_logprobs
 from common.model import (
-    find_checkpoint,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -55,7 +54,7 @@ from common.model import (
 )
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -401,6 +400,7 @@ def tensor_bytes(tensors) -> int:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python lora.py`)
+    args, ckpt, run_dir = open_run(args, "lora")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
@@ -411,10 +411,6 @@ def main(args: Args) -> None:
         die(f"--lora-r must be >= 1, got {args.lora_r}")
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("lora", args.seed))
-    )
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
@@ -474,9 +470,6 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="lora", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
@@ -619,4 +612,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

@@ -22,22 +22,19 @@ the loss normalized by all processes' completion tokens; `--shard-frozen` shards
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import tyro
 
 from common import die, dist
-from common.data import Mixture, data_options, load_prompts
+from common.data import Mixture, data_options, fit_prompts, load_prompts, prompt_budget
 from common.generation import generate
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
-    find_checkpoint,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -47,7 +44,7 @@ from common.model import (
 )
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -115,11 +112,15 @@ class Args:
     """student completions per prompt"""
     max_new_tokens: int = 8
     """completion budget"""
+    max_prompt_length: int | None = None
+    """prompts longer than this many tokens (after the chat template) are dropped and counted when the data is
+    loaded, for training and evaluation (default: the model's context length minus --max-new-tokens)"""
     temperature: float = 1.0
     """sampling temperature; both models' log-probs are taken at this temperature"""
     generation_batch_size: int | None = None
     """completions per generate call in each process (default: all of the process's completions of the step);
-    call k of process r samples with seed (seed, step) + its global index"""
+    call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
+    count"""
     # objective
     objective: Literal["sampled", "full"] = "sampled"
     """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab"""
@@ -295,6 +296,9 @@ def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python opd.py`)
+    args, ckpt, run_dir = open_run(
+        args, "opd", total_steps=lambda a: a.cold_start_steps + a.max_steps
+    )  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
@@ -305,21 +309,30 @@ def main(args: Args) -> None:
         die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
     if args.num_iterations > 1 and args.objective == "full":
         die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
-    train = Mixture(
-        [load_prompts(source, ("prompt",), data_opts) for source in args.dataset], args.dataset, args.dataset_weights
-    )
-    prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    eval_records = (
-        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
-    )
     tokenizer, teacher_tokenizer = (
         load_tokenizer(args.model, args.chat_template_kwargs),
         load_tokenizer(args.teacher, args.chat_template_kwargs),
     )
     check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("opd", args.seed))
+    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
+    train = Mixture(
+        [
+            fit_prompts(load_prompts(source, ("prompt",), data_opts), tokenizer, max_prompt, source)
+            for source in args.dataset
+        ],
+        args.dataset,
+        args.dataset_weights,
+    )
+    prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    eval_records = (
+        fit_prompts(
+            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
+            tokenizer,
+            max_prompt,
+            "--eval-prompts",
+        )
+        if args.eval_prompts
+        else []
     )
     torch.manual_seed(args.seed)
 
@@ -347,9 +360,6 @@ def main(args: Args) -> None:
     total_steps = args.cold_start_steps + args.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     start_step = load_trainer_state(ckpt, optimizer, scheduler, student)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
@@ -395,8 +405,7 @@ def main(args: Args) -> None:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             batch_size=gen_batch,
-            seed=args.seed * 1_000_003 + step,
-            seed_each_batch=True,
+            seed_key=(args.seed, step, 0),
         )
         seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]
         mask = out["completion_mask"].float().to(device)
@@ -488,9 +497,10 @@ def main(args: Args) -> None:
     if args.save_every and total_steps % args.save_every == 0 and total_steps > start_step:
         save_checkpoint(run_dir, total_steps, student, tokenizer, optimizer, scheduler)
     tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if total_steps > start_step else {}
     if dist.is_main():
-        print(f"saved {final}")
+        print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

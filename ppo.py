@@ -23,11 +23,9 @@ prompts; token counts, advantage whitening and metrics are taken over all proces
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -35,13 +33,30 @@ import tyro
 from transformers import AutoModelForSequenceClassification
 
 from common import die, dist
-from common.data import IGNORE_INDEX, Mixture, collate, data_options, load_prompts, tokenize_pair_side
-from common.generation import generate
+from common.data import (
+    IGNORE_INDEX,
+    Mixture,
+    collate,
+    data_options,
+    fit_prompts,
+    load_prompts,
+    prompt_budget,
+    tokenize_pair_side,
+)
+from common.generation import derive_seed, generate
 from common.logprobs import completion_logprobs
-from common.model import last_token_scores, load_model, load_tokenizer, lr_lambda, save_checkpoint, save_model
-from common.rewards import compute_rewards, eval_reward_fn, load_reward_fn
+from common.model import (
+    last_token_scores,
+    load_model,
+    load_tokenizer,
+    load_trainer_state,
+    lr_lambda,
+    save_checkpoint,
+    save_model,
+)
+from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -114,6 +129,9 @@ class Args:
     """completions per prompt"""
     max_new_tokens: int = 8
     """completion budget; a completion without EOS by then is truncated"""
+    max_prompt_length: int | None = None
+    """prompts longer than this many tokens (after the chat template) are dropped and counted when the data is
+    loaded, for training and evaluation (default: the model's context length minus --max-new-tokens)"""
     temperature: float = 1.0
     """sampling temperature, applied to the training log-probs as well"""
     top_p: float = 1.0
@@ -122,7 +140,8 @@ class Args:
     """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
     generation_batch_size: int | None = None
     """completions per generate call in each process (default: all of the process's completions of the step);
-    call k of process r samples with seed (seed, step) + its global index"""
+    call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
+    count"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of completions that never end (no EOS or stop token within the budget)"""
     # PPO
@@ -169,8 +188,10 @@ class Args:
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
     save_every: int = 0
-    """write checkpoints/step_N (the policy, for evaluation; ppo.py has no --resume yet) every N steps (0: only
-    final/ and value_model/)"""
+    """write checkpoints/step_N (policy, value model, optimizer, adaptive KL coefficient, RNG) every N steps for
+    --resume (0: only final/ and value_model/)"""
+    resume: str | None = None
+    """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
 
 
 # ALGO LOGIC: the algorithm as pure functions
@@ -291,6 +312,7 @@ def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python ppo.py`)
+    args, ckpt, run_dir = open_run(args, "ppo")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
     world = dist.world_size()
@@ -310,22 +332,35 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn or None, weights)  # the verifier of eval/accuracy
+    tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
+    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
+    fields = ("prompt",) if use_rm else ("prompt", "answer")
     train = Mixture(
-        [load_prompts(source, ("prompt",) if use_rm else ("prompt", "answer"), data_opts) for source in args.dataset],
+        [
+            fit_prompts(load_prompts(source, fields, data_opts), tokenizer, max_prompt, source)
+            for source in args.dataset
+        ],
         args.dataset,
         args.dataset_weights,
     )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
+    if reward_fns:
+        check_reward_fns(args.reward_fn, reward_fns, weights, prompts)  # a broken function fails now, not at step 1
     eval_records = (
-        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+        fit_prompts(
+            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
+            tokenizer,
+            max_prompt,
+            "--eval-prompts",
+        )
+        if args.eval_prompts
+        else []
     )
     value_init = args.value_init if args.value_init != "auto" else ("reward_model" if use_rm else "policy")
     if value_init == "reward_model" and not use_rm and args.reward_model in ("", None):
         die("--value-init reward_model needs --reward-model")
-    run_dir = Path(args.output_dir) / (args.run_name or default_run_name("ppo", args.seed))
     torch.manual_seed(args.seed)
 
-    tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
     vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)
     stop_id = None
     if args.stop_token is not None:
@@ -334,7 +369,7 @@ def main(args: Args) -> None:
             die(f"--stop-token {args.stop_token!r} is {len(stop_ids)} tokens for this tokenizer; it must be one")
         stop_id = stop_ids[0]
     policy = load_model(
-        args.model,
+        str(ckpt) if ckpt else args.model,
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
@@ -361,7 +396,7 @@ def main(args: Args) -> None:
         reward_model = dist.wrap(reward_model, train=False, shard=args.shard_frozen)
     value_source = args.reward_model if value_init == "reward_model" else args.model
     value_model = load_model(
-        value_source,
+        str(ckpt / "value_model") if ckpt else value_source,
         dtype=args.dtype,
         device=device,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -369,7 +404,7 @@ def main(args: Args) -> None:
         num_labels=1,
         attn_implementation=args.attn_implementation,
     )
-    if value_init == "policy":
+    if value_init == "policy" and not ckpt:
         with torch.no_grad():  # a fresh head that starts at V = 0 (no prior on the scores)
             value_model.score.weight.zero_()
     value_model = dist.wrap(value_model, train=True)
@@ -379,10 +414,10 @@ def main(args: Args) -> None:
         [*policy.parameters(), *value_model.parameters()], lr=args.learning_rate, fused=device.type == "cuda"
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
-    tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=0)
+    trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})  # what the optimizer updates
+    resumed = load_trainer_state(ckpt, optimizer, scheduler, trained) if ckpt else {"step": 0, "extra": {}}
+    start_step = resumed["step"]
+    tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {n * world} completions/step"
         + (f" ({n} in each of {world} processes)" if world > 1 else "")
@@ -390,6 +425,7 @@ def main(args: Args) -> None:
         f"{args.num_minibatches} minibatches  |  scores from "
         + (f"reward model {args.reward_model}" if use_rm else f"reward functions {', '.join(args.reward_fn)}")
         + f"  |  value model from {value_init.replace('_', ' ')} ({value_source})"
+        + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
     tracker.write(train.describe(data_opts))
 
@@ -406,13 +442,24 @@ def main(args: Args) -> None:
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
         )
 
-    start = evaluation()
-    tracker.log(start, step=0)
-    tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
+    if start_step == 0:  # every run shows its starting point
+        start = evaluation()
+        tracker.log(start, step=0)
+        tracker.write("step 0: " + "  ".join(f"{k}={v:.4f}" for k, v in start.items()))
 
-    kl_coef = args.kl_coef
+    kl_coef = resumed["extra"].get("kl_coef", args.kl_coef)  # the adaptive controller's state (--target-kl)
+
+    def save_ppo_checkpoint(step: int, kl_coef: float) -> None:
+        def write(d):  # the policy in the checkpoint itself, the value model beside it
+            save_model(policy, tokenizer, d)
+            save_model(value_model, tokenizer, d / "value_model")
+
+        save_checkpoint(
+            run_dir, step, policy, tokenizer, optimizer, scheduler, {"kl_coef": kl_coef}, write, state_model=trained
+        )
+
     mb_size = min(args.micro_batch_size, n // args.num_minibatches)
-    for step in range(args.max_steps):
+    for step in range(start_step, args.max_steps):
         t0 = time.time()
         # ROLLOUT: prompts and samples depend only on (seed, step)
         policy.eval()
@@ -426,8 +473,7 @@ def main(args: Args) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             batch_size=gen_batch,
-            seed=args.seed * 1_000_003 + step,
-            seed_each_batch=True,
+            seed_key=(args.seed, step, 0),
         )
         prompt_ids, prompt_mask, completion_ids = out["prompt_ids"], out["prompt_mask"], out["completion_ids"]
         mask, texts, ended = out["completion_mask"], out["texts"], ~out["truncated"]
@@ -477,12 +523,15 @@ def main(args: Args) -> None:
         policy.train()
         t1 = time.time()
         stats = {
-            k: [] for k in ("pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy", "grad_norm")
+            k: []
+            for k in ("loss", "pg_loss", "vf_loss", "clip_frac", "vf_clip_frac", "approx_kl", "entropy", "grad_norm")
         }
         train_tokens = torch.zeros((), device=device)  # statistics stay on the device: one sync per optimizer step
         minibatch = n // args.num_minibatches
         for epoch in range(args.ppo_epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed + 31 * step + epoch))
+            order = torch.randperm(
+                n, generator=torch.Generator().manual_seed(derive_seed(args.seed, "minibatch", step, epoch))
+            )
             for m0 in range(0, n, minibatch):
                 rows = order[m0 : m0 + minibatch]
                 n_tok = max(1.0, dist.all_reduce(float(mask_d[rows].sum())))  # the minibatch's, over all processes
@@ -525,6 +574,7 @@ def main(args: Args) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 for k, v in sums.items():
                     stats[k].append(v)
+                stats["loss"].append(sums["pg_loss"] + args.vf_coef * sums["vf_loss"])  # what backward saw
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -569,14 +619,20 @@ def main(args: Args) -> None:
         tracker.log(metrics, step=done)
         tracker.step()
         if args.save_every and done % args.save_every == 0 and done < args.max_steps:
-            save_checkpoint(run_dir, done, policy, tokenizer, None, scheduler)  # for evaluation: no --resume yet
+            save_ppo_checkpoint(done, kl_coef)
 
     final = save_model(policy, tokenizer, run_dir / "final")
     save_model(value_model, tokenizer, run_dir / "value_model")
+    if args.save_every and args.max_steps % args.save_every == 0 and args.max_steps > start_step:
+        save_ppo_checkpoint(args.max_steps, kl_coef)
     tracker.close()
+    last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
     if dist.is_main():
-        print(f"saved {final} (and the value model in {run_dir / 'value_model'})")
+        print(
+            f"saved {final} (and the value model in {run_dir / 'value_model'})"
+            + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else "")
+        )
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

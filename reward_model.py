@@ -16,11 +16,9 @@ ppo.py consumes (`--reward-model`).
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +28,6 @@ from transformers import AutoModelForSequenceClassification
 from common import die, dist
 from common.data import Mixture, check_batch_sizes, data_options, load_preference_dataset, pair_micro_batches
 from common.model import (
-    find_checkpoint,
     last_token_scores,
     load_model,
     load_tokenizer,
@@ -39,7 +36,7 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -145,17 +142,12 @@ def pair_metrics(prefix: str, losses, chosen_rewards, rejected_rewards) -> dict:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python reward_model.py`)
+    args, ckpt, run_dir = open_run(args, "reward_model")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.center_rewards_coef < 0:
         die(f"--center-rewards-coef must be >= 0, got {args.center_rewards_coef}")
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent
-        if ckpt
-        else Path(args.output_dir) / (args.run_name or default_run_name("reward_model", args.seed))
-    )
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
@@ -198,9 +190,6 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="reward_model", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step"
@@ -299,4 +288,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

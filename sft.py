@@ -15,11 +15,9 @@ pre-training).
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import tyro
@@ -37,7 +35,6 @@ from common.data import (
 )
 from common.logprobs import token_logprobs
 from common.model import (
-    find_checkpoint,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -47,7 +44,7 @@ from common.model import (
 )
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, default_run_name, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb
 
 
 @dataclass
@@ -172,16 +169,13 @@ def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python sft.py`)
+    args, ckpt, run_dir = open_run(args, "sft")  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
     grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
     if args.lr_schedule not in ("cosine", "linear", "constant"):
         die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
-    ckpt = find_checkpoint(args.resume) if args.resume else None
-    run_dir = (
-        ckpt.parent.parent if ckpt else Path(args.output_dir) / (args.run_name or default_run_name("sft", args.seed))
-    )
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
@@ -223,9 +217,6 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    if not ckpt and dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
     tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
@@ -325,4 +316,4 @@ def main(args: Args) -> None:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__.split("\n\n")[0]))  # --help opens with what the script does

@@ -53,8 +53,12 @@ def iter_jsonl(path: str | Path, chunk_size: int = 2_000):
     if not path.is_file():
         die(f"{path}: no such file")
     chunk, seen = [], False
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                die(f"{path}:{lineno}: not valid UTF-8 (byte {raw[e.start : e.start + 1]!r} at column {e.start + 1})")
             if not line.strip():
                 continue
             try:
@@ -323,7 +327,7 @@ def source_size(source: Source) -> int:
     """Rows of a source (non-blank lines of our JSON Lines)."""
     if source.ds is not None:
         return len(source.ds)
-    with source.path.open(encoding="utf-8") as f:
+    with source.path.open("rb") as f:  # bytes: a bad UTF-8 line is reported by `iter_jsonl`, naming it
         return sum(1 for line in f if line.strip())
 
 
@@ -454,6 +458,55 @@ def apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
     """The chat template rendered as text, with the run's `--chat-template-kwargs` (see `load_tokenizer`)."""
     extra = getattr(tokenizer, "cleanpost_template_kwargs", None) or {}
     return tokenizer.apply_chat_template(messages, tokenize=False, **extra, **kwargs)
+
+
+def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, what: str, log=print) -> list[dict]:
+    """The records whose prompt (after the chat template) is at most `max_prompt_length` tokens; the others are
+    dropped and counted in one line, so one over-long prompt cannot end a run with an out-of-memory at whatever
+    step samples it. All dropped: one error naming the source and the flag."""
+    if not records:
+        return records
+    keep, longest = [], 0
+    for s in range(0, len(records), 1000):
+        chunk = records[s : s + 1000]
+        texts = [render_prompt(tokenizer, r["prompt"]) for r in chunk]
+        lengths = [
+            len(ids) for ids in tokenizer(texts, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+        ]
+        longest = max(longest, *lengths)
+        keep += [r for r, n in zip(chunk, lengths) if n <= max_prompt_length]
+    if not keep:
+        die(
+            f"{what}: every prompt is longer than --max-prompt-length {max_prompt_length} tokens (the shortest "
+            f"rendered prompt is over it; the longest has {longest}): raise --max-prompt-length or shorten the prompts"
+        )
+    if len(keep) < len(records):
+        log(
+            f"{what}: dropped {len(records) - len(keep)} of {len(records)} prompts longer than --max-prompt-length "
+            f"{max_prompt_length} tokens (longest {longest})"
+        )
+    return keep
+
+
+def prompt_budget(max_prompt_length: int | None, model: str, max_new_tokens: int) -> int:
+    """--max-prompt-length, or by default the model's context (`max_position_embeddings`) minus --max-new-tokens."""
+    if max_prompt_length is not None:
+        if max_prompt_length < 1:
+            die(f"--max-prompt-length must be at least 1, got {max_prompt_length}")
+        return max_prompt_length
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return 1 << 30  # load_model reports the model itself
+    config = getattr(config, "text_config", None) or config
+    context = getattr(config, "max_position_embeddings", None)
+    if context is None:
+        return 1 << 30
+    if context <= max_new_tokens:
+        die(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {model}'s {context}-token context")
+    return context - max_new_tokens
 
 
 def render_prompt(tokenizer, prompt) -> str:
@@ -896,7 +949,10 @@ def load_preference_dataset(
         if truncated:
             notes.append(f"{path}: truncated {truncated} responses of {n} pairs to --max-length {max_length}")
         if dropped:
-            notes.append(f"{path}: dropped {dropped} of {n} pairs with a response truncated away")
+            notes.append(
+                f"{path}: dropped {dropped} of {n} pairs whose responses --max-length {max_length} truncated away "
+                "(no response token left, or the two sides identical once truncated)"
+            )
         if not kept:
             die(f"{path}: no usable preference pairs (of {n})")
         return parts, notes
@@ -910,7 +966,7 @@ def _pair_example(tokenizer, max_length: int, path: str, r: dict):
     margin = r.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         die(f"{_where(path, r)}: field 'margin' must be a number, got {margin!r}")
-    pair, truncated = {"margin": float(margin)}, 0
+    pair, truncated, full = {"margin": float(margin)}, 0, {}
     for side in ("chosen", "rejected"):
         response = _as_turns(r[side], "assistant", path, r, side)
         if not any(m["role"] == "assistant" for m in response):
@@ -920,10 +976,13 @@ def _pair_example(tokenizer, max_length: int, path: str, r: dict):
         except ValueError as e:
             die(f"{_where(path, r)}: {e}")
         truncated += len(ids) > max_length
+        full[side] = ids
         pair[f"{side}_ids"], pair[f"{side}_labels"] = ids[:max_length], labels[:max_length]
-    if pair["chosen_ids"] == pair["rejected_ids"]:
+    if full["chosen"] == full["rejected"]:  # identical as written, not only after truncation
         return None, "same", truncated
-    if not all(any(x != IGNORE_INDEX for x in pair[f"{s}_labels"][1:]) for s in ("chosen", "rejected")):
+    if pair["chosen_ids"] == pair["rejected_ids"] or not all(
+        any(x != IGNORE_INDEX for x in pair[f"{s}_labels"][1:]) for s in ("chosen", "rejected")
+    ):
         return None, "dropped", truncated
     for key in ("chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"):
         pair[key] = np.asarray(pair[key], dtype=np.int32)

@@ -7,6 +7,7 @@ completion was truncated (no EOS within `max_new_tokens`), and the decoded text.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 
 import torch
@@ -67,6 +68,22 @@ def sampling_config(
     )
 
 
+def derive_seed(seed: int, stream: str, step: int, round_: int = 0, call: int = 0) -> int:
+    """The one place every per-step seed of a run comes from: `stream` names what is seeded ("sample": a generate
+    call, "minibatch": a PPO/GRPO epoch's shuffle), `step` the optimizer step, `round_` GRPO's resampling round or
+    the epoch, `call` the generate call's global index within the step (process r's k-th call is
+    r * calls_per_process + k, so N processes use the seeds one process does).
+
+    Within a run (fixed `seed` and `stream`) the map is injective: (step, round, call) is packed into disjoint bit
+    fields (32 + 8 + 20 bits) and XORed with a 64-bit value hashed from (stream, seed), so no two calls share a seed
+    (an additive scheme such as `seed + 101 * step + call` collides as soon as a step makes 101 calls)."""
+    for value, bits, name in ((step, 32, "step"), (round_, 8, "round"), (call, 20, "call")):
+        if not 0 <= value < 2**bits:
+            raise ValueError(f"derive_seed: {name} {value} is outside [0, 2**{bits})")
+    offset = int.from_bytes(hashlib.sha256(f"cleanpost:{stream}:{seed}".encode()).digest()[:8], "little")
+    return offset ^ ((step << 28) | (round_ << 20) | call)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -80,13 +97,14 @@ def generate(
     greedy: bool = False,
     batch_size: int = 64,
     seed: int | None = None,
-    seed_each_batch: bool = False,
+    seed_key: tuple[int, int, int] | None = None,
 ) -> dict:
     """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), `batch_size` rows
-    per `model.generate` call. `seed` seeds the sampling (the global RNG is left as it was); with `seed_each_batch`
-    each call is seeded `seed + its global index`: call k of process r (every process sampling an equal share)
-    is call r * calls_per_process + k, so a batch's samples depend only on its rows and its index, and N processes
-    reproduce a one-process run that uses the same `batch_size`.
+    per `model.generate` call; the global RNG is left as it was. `seed` seeds the whole call once; `seed_key`
+    (run seed, step, round) seeds each `model.generate` call with `derive_seed(*seed_key, call=its global index)`:
+    call k of process r (every process sampling an equal share) is call r * calls_per_process + k, so a batch's
+    samples depend only on its rows and its index, and N processes reproduce a one-process run that uses the same
+    `batch_size`.
 
     A sharded (FSDP) model is gathered once for the whole call (`common.dist.unsharded`): the ranks then generate
     independently, each as long as its own sequences need.
@@ -117,8 +135,9 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
-            if seed is not None and seed_each_batch:
-                torch.manual_seed(seed + first_call + s // batch_size)
+            if seed_key is not None:
+                run_seed, step, round_ = seed_key
+                torch.manual_seed(derive_seed(run_seed, "sample", step, round_, first_call + s // batch_size))
             enc = tokenizer(
                 texts[s : s + batch_size],
                 return_tensors="pt",

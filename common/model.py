@@ -8,11 +8,14 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
+import os
 import random
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -107,11 +110,38 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(cfg, key, 0.0)
 
 
+@functools.cache
 def _check_source(name_or_path: str, what: str) -> None:
-    """A path that looks local but does not exist gets a clear message instead of a hub lookup."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
-    if looks_local and not Path(name_or_path).expanduser().is_dir():
+    """A `--model` that is not an existing directory must be a hub id that is cached or that the hub has: a typo
+    (`runs/typo`, `my-model-dir`) gets one line saying there is no such directory, in seconds, instead of a minute
+    of hub retries and a message about the hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or path.exists()
+    if looks_local:
         die(f"{what} {name_or_path!r}: no such directory")
+    import huggingface_hub
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        if isinstance(huggingface_hub.try_to_load_from_cache(name_or_path, "config.json"), str):
+            return  # in the local hub cache
+    except HFValidationError:
+        die(f"{what} {name_or_path!r}: no such directory (and not a valid hub id)")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        die(f"{what} {name_or_path!r}: no such directory, and not in the local hub cache (HF_HUB_OFFLINE is set)")
+    try:
+        huggingface_hub.model_info(name_or_path, timeout=10)
+    except huggingface_hub.errors.GatedRepoError:  # (a subclass of the next one)
+        return  # transformers says how to get access
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        die(f"{what} {name_or_path!r}: no such directory, and no such model on the hub (or it is private: log in)")
+    except Exception as e:  # noqa: BLE001 -- offline, DNS, proxy, timeout: the hub cannot answer
+        die(
+            f"{what} {name_or_path!r}: no such directory, not in the local hub cache, and the hub cannot be reached "
+            f"({type(e).__name__})"
+        )
 
 
 def load_model(
@@ -220,6 +250,7 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
         _replace(tmp, out_dir)
     if sharded:
         dist.barrier()
@@ -269,7 +300,15 @@ def on_device(model, device: torch.device):
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model, tokenizer, optimizer, scheduler, extra: dict | None = None, save_fn=None
+    run_dir: Path,
+    step: int,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    extra: dict | None = None,
+    save_fn=None,
+    state_model=None,
 ) -> Path:
     """Write `checkpoints/step_{step}` atomically: the model in HF format in its checkpoint dtype (or whatever
     `save_fn(dir)` writes, e.g. only LoRA adapters) plus what `--resume` needs to continue the same run: the
@@ -279,7 +318,12 @@ def save_checkpoint(
     A sharded model (FSDP2: every mixed-precision run and every run under torchrun; every rank calls this): the
     gathered HF model and `trainer_state.pt` come from rank 0; the fp32 master weights and optimizer state are
     written shard by shard by every rank (`train_state/`, torch.distributed.checkpoint); each rank's RNG state
-    goes to `rng_{rank}.pt`. Resume with the same number of processes."""
+    goes to `rng_{rank}.pt`. Resume with the same number of processes.
+
+    `state_model`: the modules the optimizer trains when they are more than `model` (ppo.py: a ModuleDict of the
+    policy and the value model, whose files `save_fn` writes); their full-precision weights and optimizer state
+    are what `load_trainer_state(..., model=state_model)` restores."""
+    state_model = model if state_model is None else state_model
     ckpt = Path(run_dir) / "checkpoints" / f"step_{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
     if dist.is_main():
@@ -292,10 +336,12 @@ def save_checkpoint(
     dist.barrier()  # rank 0's model files are in place before the other ranks write theirs
     sharded = dist.is_sharded(model)
     if sharded and optimizer is not None:
-        dist.save_train_state(model, optimizer, tmp / "train_state")
+        dist.save_train_state(state_model, optimizer, tmp / "train_state")
     master = None  # a plain model trained in a wider dtype than its checkpoint's keeps that precision for --resume
-    if not sharded and save_fn is None and any(p.dtype != disk_dtype(model) for p in model.parameters()):
-        master = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    parts = list(state_model.values()) if isinstance(state_model, torch.nn.ModuleDict) else [state_model]
+    wider = any(p.dtype != disk_dtype(m) for m in parts for p in m.parameters())
+    if not sharded and (save_fn is None or state_model is not model) and wider:
+        master = {k: v.detach().cpu() for k, v in state_model.state_dict().items()}
     rng = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
@@ -316,28 +362,72 @@ def save_checkpoint(
         torch.save(state, tmp / "trainer_state.pt")
     dist.barrier()
     if dist.is_main():
+        _fsync_tree(tmp)  # every file on disk before the name says the checkpoint is complete
+        _slow_write_for_tests(tmp)
         shutil.rmtree(ckpt, ignore_errors=True)
         tmp.rename(ckpt)
+        _fsync_dir(ckpt.parent)
     dist.barrier()
     return ckpt
 
 
+def _fsync_tree(root: Path) -> None:
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some systems (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _slow_write_for_tests(tmp: Path) -> None:
+    """`CLEANPOST_TEST_CHECKPOINT_PAUSE=step_N:S`: when writing checkpoint step_N, create `step_N.tmp/WRITING` and
+    sleep S seconds before the rename, so a test can kill the run inside the write (tests/test_invariance.py)."""
+    name, _, pause = os.environ.get("CLEANPOST_TEST_CHECKPOINT_PAUSE", "").partition(":")
+    if name and tmp.name == f"{name}.tmp":
+        (tmp / "WRITING").touch()
+        time.sleep(float(pause))
+        (tmp / "WRITING").unlink()
+
+
 def find_checkpoint(path: str | Path) -> Path:
-    """`path` is a checkpoint directory (has trainer_state.pt) or a run directory: its newest `checkpoints/step_N`."""
+    """`path` is a checkpoint directory (has trainer_state.pt) or a run directory: its newest complete
+    `checkpoints/step_N`, said in one line. A checkpoint becomes `step_N` only once complete (`save_checkpoint`
+    writes `step_N.tmp`, syncs it to disk and renames it), so a `.tmp` left by a killed run is never resumed from:
+    it is named in one line and ignored."""
     path = Path(path)
     if (path / "trainer_state.pt").is_file():
         return path
-    steps = []
+    steps, partial = [], []
     for d in (path / "checkpoints").glob("step_*"):
         m = re.fullmatch(r"step_(\d+)", d.name)
         if m and (d / "trainer_state.pt").is_file():
             steps.append((int(m.group(1)), d))
+        elif d.is_dir():
+            partial.append(d.name)
+    if partial and dist.is_main():
+        print(f"resume: ignoring incomplete checkpoint(s) {', '.join(sorted(partial))} (a write that did not finish)")
     if not steps:
         die(
             f"--resume {str(path)!r}: no checkpoint found (expected a run directory with checkpoints/step_N/ "
-            "or a checkpoint directory with trainer_state.pt)"
+            "or a checkpoint directory with trainer_state.pt; write them with --save-every N)"
         )
-    return max(steps)[1]
+    step, newest = max(steps)
+    if dist.is_main():
+        print(f"resume: from {newest} (the newest complete checkpoint, step {step})")
+    return newest
 
 
 def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
@@ -352,7 +442,8 @@ def load_trainer_state(ckpt: Path, optimizer, scheduler, model=None) -> dict:
             f"--resume {str(ckpt)!r} was written by {saved_world} process(es); resume it with the same number "
             f"(this run has {dist.world_size()})"
         )
-    sharded = model is not None and dist.is_sharded(model)
+    parts = list(model.values()) if isinstance(model, torch.nn.ModuleDict) else [model]
+    sharded = model is not None and dist.is_sharded(parts[0])
     if state["optimizer"] is None:
         if not sharded or not (Path(ckpt) / "train_state").is_dir():
             die(

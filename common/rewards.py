@@ -101,8 +101,9 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        die(f"{flag} {spec!r}: cannot import module {module_name!r} ({e})")
+    except Exception as e:  # noqa: BLE001 -- a user's module: ImportError, SyntaxError, NameError at import...
+        where = f" ({e.filename}, line {e.lineno})" if isinstance(e, SyntaxError) else ""
+        die(f"{flag} {spec!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}{where}")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         die(f"{flag} {spec!r}: module {module_name!r} has no function {fn_name!r}")
@@ -125,6 +126,17 @@ def eval_reward_fn(spec: str | None, default: list[str] | None = None, weights: 
 
 def reward_name(spec: str) -> str:
     return spec.split(":")[-1]
+
+
+def check_reward_fns(specs, fns, weights, records: list[dict], n: int = 4) -> None:
+    """Score the first `n` records' reference answers as completions before any compute is spent: a function that
+    raises, returns the wrong number of values or a non-number stops the run now, naming it (not after the model is
+    loaded and the step-0 evaluation has run)."""
+    sample = [records[i] for i in range(min(n, len(records)))]  # (a mixture of sources indexes one at a time)
+    compute_rewards(
+        specs, fns, weights, [r["prompt"] for r in sample], [str(r["answer"]) for r in sample],
+        [r["answer"] for r in sample],
+    )  # fmt: skip
 
 
 def compute_rewards(specs, fns, weights, prompts, completions, answers) -> tuple[list[float], dict[str, list[float]]]:

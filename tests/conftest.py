@@ -55,6 +55,28 @@ def run_script(*args, check=True, timeout=900):
     return proc
 
 
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").open()]
+
+
+def stop_at(straight: Path, stopped: Path, step: int, logged: int | None = None) -> Path:
+    """What a run killed after logging step `logged` (default `step`) leaves on disk, made from a finished run
+    `straight` that saved `checkpoints/step_{step}`: its args.json, that checkpoint (and none after it) and its
+    metrics up to step `logged` — `--resume stopped` must then continue exactly as `straight` went on."""
+    import shutil
+
+    (stopped / "checkpoints").mkdir(parents=True)
+    shutil.copy(straight / "args.json", stopped / "args.json")
+    shutil.copytree(straight / "checkpoints" / f"step_{step}", stopped / "checkpoints" / f"step_{step}")
+    rows = [r for r in read_metrics(straight) if r["step"] <= (step if logged is None else logged)]
+    import json
+
+    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return stopped
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

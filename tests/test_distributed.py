@@ -6,13 +6,12 @@ processes continues the same curve, and resuming with another process count is r
 """
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, stop_at
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -110,15 +109,12 @@ def test_sft_two_process_resume_continues_the_same_curve(tmp_path):
     assert {"train_state", "rng_0.pt", "rng_1.pt", "trainer_state.pt", "model.safetensors"} <= {
         p.name for p in step2.iterdir()
     }
-    stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(step2, stopped / "checkpoints" / "step_2")
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics(straight)[:3]))
+    stopped = stop_at(straight, tmp_path / "stopped", step=2)
     # the same checkpoint with one process: refused before any compute, naming both counts
-    proc = run_script("sft.py", *common, "--resume", stopped, check=False)
+    proc = run_script("sft.py", "--resume", stopped, check=False)
     assert proc.returncode != 0
     assert "written by 2 process(es)" in proc.stderr and "this run has 1" in proc.stderr
-    proc = run_torchrun("sft.py", *common, "--resume", stopped)
+    proc = run_torchrun("sft.py", "--resume", stopped)
     assert "resumed at step 2" in proc.stdout + proc.stderr
     a, b = metrics(straight), metrics(stopped)
     assert [r["step"] for r in b] == [0, 1, 2, 3, 4]

@@ -219,11 +219,11 @@ def test_cli_rpo_is_normalized_per_step_and_changes_the_update(tmp_path, random_
 
 
 @pytest.mark.slow
-def test_default_dpo_run_learns():
+def test_default_dpo_run_learns(tmp_path):
     """`python dpo.py` with no flags: held-out preference accuracy >= 90%, target accuracy +10 points."""
     base = json.loads((TINY_BASE / "build_eval.json").read_text())["eval/accuracy"]
-    proc = run_script(ROOT / "dpo.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "dpo_default_learns")
-    rows = [json.loads(line) for line in (ROOT / "runs/tests/dpo_default_learns/metrics.jsonl").open()]
+    proc = run_script(ROOT / "dpo.py", "--output-dir", tmp_path, "--run-name", "dpo_default_learns")
+    rows = [json.loads(line) for line in (tmp_path / "dpo_default_learns" / "metrics.jsonl").open()]
     final = rows[-1]
     assert final["eval/rewards_accuracy"] >= 0.9, proc.stdout[-2000:]
     assert final["eval/accuracy"] >= base + 0.10, (base, final["eval/accuracy"])

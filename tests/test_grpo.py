@@ -200,11 +200,11 @@ def test_cli_end_to_end_and_micro_batch_invariance(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_grpo_run_learns():
+def test_default_grpo_run_learns(tmp_path):
     """`python grpo.py` with no flags: held-out target accuracy +15 points over tiny-base, general skills kept."""
     base = json.loads((TINY_BASE / "build_eval.json").read_text())
-    run_script(ROOT / "grpo.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "grpo_default_learns")
-    rows = [json.loads(line) for line in (ROOT / "runs/tests/grpo_default_learns/metrics.jsonl").open()]
+    run_script(ROOT / "grpo.py", "--output-dir", tmp_path, "--run-name", "grpo_default_learns")
+    rows = [json.loads(line) for line in (tmp_path / "grpo_default_learns" / "metrics.jsonl").open()]
     final = rows[-1]
     assert final["eval/accuracy"] >= base["eval/accuracy"] + 0.15, (base["eval/accuracy"], final["eval/accuracy"])
     assert final["eval/general_accuracy"] >= base["eval/general_accuracy"] - 0.10

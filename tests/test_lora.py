@@ -170,9 +170,9 @@ def test_cli_end_to_end_with_merge(tmp_path, random_model_dir, quantize):
 
 
 @pytest.mark.slow
-def test_default_lora_run_learns():
+def test_default_lora_run_learns(tmp_path):
     """`python lora.py` with no flags: held-out target accuracy +20 points over tiny-base."""
     base = json.loads((TINY_BASE / "build_eval.json").read_text())["eval/accuracy"]
-    run_script(ROOT / "lora.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "lora_default_learns")
-    rows = [json.loads(line) for line in (ROOT / "runs/tests/lora_default_learns/metrics.jsonl").open()]
+    run_script(ROOT / "lora.py", "--output-dir", tmp_path, "--run-name", "lora_default_learns")
+    rows = [json.loads(line) for line in (tmp_path / "lora_default_learns" / "metrics.jsonl").open()]
     assert rows[-1]["eval/accuracy"] >= base + 0.20, (base, rows[-1]["eval/accuracy"])

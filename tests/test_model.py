@@ -27,8 +27,37 @@ def test_saved_model_reloads_with_plain_transformers(random_model_dir, tmp_path)
 def test_unknown_model_and_missing_path_give_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match=r"--model '\./no/such/model': no such directory"):
         load_model("./no/such/model")
-    with pytest.raises(SystemExit, match=r"cannot load model 'no-such-org/no-such-model-xyz'"):
-        load_model("no-such-org/no-such-model-xyz")
+    with pytest.raises(SystemExit, match=r"'no-such-org/no-such-model-xyz': no such directory, and not in the local"):
+        load_model("no-such-org/no-such-model-xyz")  # (the tests run with HF_HUB_OFFLINE=1)
+
+
+def test_a_typo_in_model_fails_fast_without_the_hub(monkeypatch):
+    """No network and HF_HUB_OFFLINE unset: one line at once, not a minute of hub retries."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    def unreachable(*a, **k):
+        calls.append(k.get("timeout"))
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    for typo in ("my-model-dir", "runs/typo"):
+        with pytest.raises(SystemExit, match=rf"--model '{typo}': no such directory, not in the local hub cache, and"):
+            load_model(typo)
+    assert calls == [10, 10]  # one short request each
+
+    class NotFound(huggingface_hub.errors.RepositoryNotFoundError):
+        def __init__(self):  # (the real one is built from an HTTP response)
+            Exception.__init__(self, "404")
+
+    def missing(*a, **k):
+        raise NotFound()
+
+    monkeypatch.setattr(huggingface_hub, "model_info", missing)
+    with pytest.raises(SystemExit, match=r"'my-other-typo': no such directory, and no such model on the hub"):
+        load_model("my-other-typo")
 
 
 def test_tokenizer_pad_fallback_warns(random_model_dir, tmp_path):

@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 from conftest import ROOT, TINY_BASE, run_script
-from safetensors.torch import load_file
 
 from common.model import load_tokenizer
 from opd import ChunkedReverseKL, sampled_token_loss
@@ -135,29 +134,6 @@ def test_cli_both_objectives(tmp_path, random_model_dir, objective):
     assert abs(same[-1]["train/reverse_kl"]) < 1e-5 and abs(same[-1]["train/loss"]) < 1e-5
 
 
-def test_resume_continues_the_same_curve(tmp_path):
-    """Stopped after step 2 (the cold-start step and one on-policy step) and resumed: the same losses and weights as
-    the uninterrupted run (sampling seeds and the phase depend only on the step)."""
-    common = ["--max-steps", "3", "--cold-start-steps", "1", "--prompts-per-step", "4", "--group-size", "2"]
-    common += ["--save-every", "2", "--eval-every", "0", "--eval-prompts", "", "--output-dir", tmp_path]
-    run_script("opd.py", *common, "--run-name", "straight")
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
-    rows = [json.loads(line) for line in (straight / "metrics.jsonl").open()]
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
-    proc = run_script("opd.py", *common, "--resume", stopped)
-    assert "resumed at step 2" in proc.stdout + proc.stderr
-    resumed = [json.loads(line) for line in (stopped / "metrics.jsonl").open()]
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4]
-    for a, b in zip(rows[3:], resumed[3:]):
-        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6, abs=1e-7)
-        assert b["train/phase"] == a["train/phase"] == 1.0
-    wa = load_file(straight / "final" / "model.safetensors")
-    wb = load_file(stopped / "final" / "model.safetensors")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
-
-
 def test_tokenizer_mismatch_stops_before_compute(tmp_path, random_model_dir):
     teacher = tmp_path / "teacher"
     shutil.copytree(random_model_dir, teacher)
@@ -174,11 +150,11 @@ def test_tokenizer_mismatch_stops_before_compute(tmp_path, random_model_dir):
 
 
 @pytest.mark.slow
-def test_default_opd_run_closes_half_the_gap():
+def test_default_opd_run_closes_half_the_gap(tmp_path):
     """`python opd.py` with no flags: the student closes >= 50% of the tiny-base -> tiny-teacher accuracy gap."""
     base = json.loads((TINY_BASE / "build_eval.json").read_text())["eval/accuracy"]
-    run_script(ROOT / "opd.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "opd_default_learns")
-    rows = [json.loads(line) for line in (ROOT / "runs/tests/opd_default_learns/metrics.jsonl").open()]
+    run_script(ROOT / "opd.py", "--output-dir", tmp_path, "--run-name", "opd_default_learns")
+    rows = [json.loads(line) for line in (tmp_path / "opd_default_learns" / "metrics.jsonl").open()]
     teacher = rows[0]["eval/teacher_accuracy"]
     assert rows[-1]["eval/accuracy"] >= base + 0.5 * (teacher - base), (base, teacher, rows[-1]["eval/accuracy"])
 

@@ -215,9 +215,9 @@ def test_cli_with_a_reward_model_and_with_a_reward_function(tmp_path, random_mod
 
 
 @pytest.mark.slow
-def test_default_ppo_run_learns():
+def test_default_ppo_run_learns(tmp_path):
     """`python ppo.py` with no flags: held-out target accuracy (the verifier's, not the reward model's) +10 points."""
     base = json.loads((ROOT / "assets" / "tiny-base" / "build_eval.json").read_text())["eval/accuracy"]
-    run_script(ROOT / "ppo.py", "--output-dir", ROOT / "runs" / "tests", "--run-name", "ppo_default_learns")
-    rows = [json.loads(line) for line in (ROOT / "runs/tests/ppo_default_learns/metrics.jsonl").open()]
+    run_script(ROOT / "ppo.py", "--output-dir", tmp_path, "--run-name", "ppo_default_learns")
+    rows = [json.loads(line) for line in (tmp_path / "ppo_default_learns" / "metrics.jsonl").open()]
     assert rows[-1]["eval/accuracy"] >= base + 0.10, (base, rows[-1]["eval/accuracy"])

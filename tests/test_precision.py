@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, stop_at
 from safetensors.torch import load_file
 
 TEACHER = ROOT / "assets" / "tiny-teacher"  # stored in bf16: the "real checkpoint" case
@@ -93,17 +93,12 @@ def masters(checkpoint, tmp_path):
 
 @pytest.mark.slow  # ~40 s: in the full suite (CI), not the quick loop
 def test_mixed_precision_resume_continues_from_the_fp32_masters(tmp_path, small_sft):
-    import shutil
-
     common = ["--model", TEACHER, "--dtype", "bfloat16", "--max-steps", "4", "--learning-rate", "1e-4"]
     common += ["--save-every", "2", "--micro-batch-size", "8"]
     sft(tmp_path, small_sft, "straight", *common)
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    shutil.copytree(straight / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
-    rows = metrics(straight)[:3]
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = sft(tmp_path, small_sft, "ignored", *common, "--resume", stopped)
+    straight = tmp_path / "straight"
+    stopped = stop_at(straight, tmp_path / "stopped", step=2)
+    proc = run_script("sft.py", "--resume", stopped)
     assert "resumed at step 2" in proc.stdout + proc.stderr
     for a, b in zip(metrics(straight)[3:], metrics(stopped)[3:]):
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)

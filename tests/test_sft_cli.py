@@ -34,7 +34,9 @@ def test_end_to_end_and_checkpoint_reloads(tmp_path):
     run = tmp_path / "e2e"
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert {"eval/accuracy", "eval/general_accuracy", "eval/loss"} <= rows[0].keys() <= rows[2].keys() | rows[0].keys()
+    # --eval-every 2 over 3 steps: before the first step, at step 2, and after the last step; never at step 1
+    for key in ("eval/accuracy", "eval/general_accuracy", "eval/loss"):
+        assert [r["step"] for r in rows if key in r] == [0, 2, 3], key
     assert all(0.0 <= r["eval/accuracy"] <= 1.0 for r in rows if "eval/accuracy" in r)
     for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/step_s", "perf/peak_mem_gb"):
         assert key in rows[1]
@@ -50,31 +52,6 @@ def test_end_to_end_and_checkpoint_reloads(tmp_path):
     assert model(input_ids=ids).logits.shape[-1] == len(tok)
     base = AutoModelForCausalLM.from_pretrained(TINY_BASE)
     assert not torch.equal(model.model.embed_tokens.weight, base.model.embed_tokens.weight)  # it trained
-
-
-def test_resume_continues_the_same_curve(tmp_path):
-    common = ["--max-steps", "4", "--save-every", "2", "--eval-every", "0", *FAST, "--output-dir", tmp_path]
-    run_script("sft.py", *common, "--run-name", "straight")
-    straight = tmp_path / "straight"
-    # a run that stopped after step 2: only its step_2 checkpoint and metrics up to step 2 exist
-    stopped = tmp_path / "stopped"
-    (stopped / "checkpoints").mkdir(parents=True)
-    import shutil
-
-    shutil.copytree(straight / "checkpoints" / "step_2", stopped / "checkpoints" / "step_2")
-    # ... and it had logged step 3 before it died: that row is dropped on resume
-    (stopped / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_metrics(straight)[:4]))
-    proc = run_script("sft.py", *common, "--resume", stopped)
-    assert "resumed at step 2" in proc.stdout + proc.stderr
-    a, b = read_metrics(straight), read_metrics(stopped)
-    assert [r["step"] for r in b] == [0, 1, 2, 3, 4]
-    for ra, rb in zip(a[3:], b[3:]):
-        assert rb["train/loss"] == pytest.approx(ra["train/loss"], rel=1e-6, abs=1e-7)
-        assert rb["train/lr"] == pytest.approx(ra["train/lr"], rel=1e-9)
-    wa = AutoModelForCausalLM.from_pretrained(straight / "final").state_dict()
-    wb = AutoModelForCausalLM.from_pretrained(stopped / "final").state_dict()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_step(tmp_path):
