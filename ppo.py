@@ -267,8 +267,8 @@ def _token_values(value_model, prompt_ids, prompt_mask, completion_ids, completi
 
 
 def masked_moments(x, mask) -> tuple[float, float]:
-    """Mean and unbiased variance of x over mask == 1, over every process's batch (one process: the same as
-    common.logprobs.masked_mean / masked_var)."""
+    """Mean and unbiased variance of x over mask == 1, over every process's batch. Naive (one process):
+    `v = x[mask.bool()]; v.mean(), v.var()`."""
     n, total = dist.all_reduce([float(mask.sum()), float((x * mask).sum())])
     mean = total / max(n, 1.0)
     squares = dist.all_reduce(float(((x - mean) ** 2 * mask).sum()))

@@ -87,7 +87,7 @@ def all_reduce(values, op: str = "sum"):
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    """Mean of x over mask == 1 on every rank's tensors (one process: `common.logprobs.masked_mean`)."""
+    """Mean of x over mask == 1 on every rank's tensors (one process: `x[mask.bool()].mean()`)."""
     total, count = all_reduce([float((x * mask).sum()), float(mask.sum())])
     return total / max(count, 1.0)
 

@@ -317,30 +317,3 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
         logp = torch.log_softmax(lg, -1)
         out.append(-(logp.exp() * logp).sum(-1))
     return torch.cat(out).view(logits.shape[:-1])
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x over positions where mask is 1. x, mask (...) -> scalar, or (...) without `dim`.
-    Naive: `x[mask.bool()].mean()` (for dim=None)."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp_min(1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1)
-
-
-def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    """Variance of x over mask==1. Naive: `x[mask.bool()].var(unbiased=unbiased)`."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = mask.sum()
-        var = var * n / (n - 1).clamp_min(1)
-    return var
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over mask==1 (unbiased std); with shift_mean=False the mean is added back.
-    Naive: `v = x[mask.bool()]; (x - v.mean()) / sqrt(v.var() + eps)` — values at mask==0 are not meaningful."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    return whitened if shift_mean else whitened + mean

@@ -8,9 +8,6 @@ import transformers
 from common.logprobs import (
     chunked_logprobs,
     entropy_from_logits,
-    masked_mean,
-    masked_var,
-    masked_whiten,
     selective_log_softmax,
     token_logprobs,
 )
@@ -216,20 +213,6 @@ def test_selective_log_softmax_and_entropy():
     torch.testing.assert_close(entropy_from_logits(logits, chunk_size=4), -(p * p.log()).sum(-1))
     uniform = torch.zeros(2, 8)
     torch.testing.assert_close(entropy_from_logits(uniform), torch.full((2,), torch.log(torch.tensor(8.0)).item()))
-
-
-def test_masked_statistics_match_plain_definitions():
-    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 5.0, -7.0, 9.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
-    kept = torch.tensor([1.0, 2.0, 3.0, 4.0, -7.0, 9.0])  # by hand
-    torch.testing.assert_close(masked_mean(x, mask), kept.mean())
-    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 2.0]))
-    torch.testing.assert_close(masked_var(x, mask), kept.var())
-    torch.testing.assert_close(masked_var(x, mask, unbiased=False), kept.var(unbiased=False))
-    w = masked_whiten(x, mask, eps=0.0)
-    torch.testing.assert_close(w[mask.bool()], (kept - kept.mean()) / kept.std())
-    w2 = masked_whiten(x, mask, shift_mean=False, eps=0.0)
-    torch.testing.assert_close(w2[mask.bool()], (kept - kept.mean()) / kept.std() + kept.mean())
 
 
 def test_bf16_path_matches_fp32_reference_loosely():
