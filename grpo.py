@@ -283,28 +283,20 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn, weights)  # the verifier of eval/accuracy
+    train_sources = [load_prompts(source, ("prompt", "answer"), data_opts) for source in args.dataset]
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
+    check_reward_fns(args.reward_fn, reward_fns, weights, train_sources[0])  # a broken function fails now
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
     train = Mixture(
-        [
-            fit_prompts(load_prompts(source, ("prompt", "answer"), data_opts), tokenizer, max_prompt, source)
-            for source in args.dataset
-        ],
+        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
         args.dataset,
         args.dataset_weights,
     )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    check_reward_fns(args.reward_fn, reward_fns, weights, prompts)  # a broken function fails now, not at step 1
-    eval_records = (
-        fit_prompts(
-            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
-            tokenizer,
-            max_prompt,
-            "--eval-prompts",
-        )
-        if args.eval_prompts
-        else []
-    )
+    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     torch.manual_seed(args.seed)
 
     vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)

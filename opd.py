@@ -309,6 +309,10 @@ def main(args: Args) -> None:
         die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
     if args.num_iterations > 1 and args.objective == "full":
         die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
+    train_sources = [load_prompts(source, ("prompt",), data_opts) for source in args.dataset]
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
     tokenizer, teacher_tokenizer = (
         load_tokenizer(args.model, args.chat_template_kwargs),
         load_tokenizer(args.teacher, args.chat_template_kwargs),
@@ -316,24 +320,12 @@ def main(args: Args) -> None:
     check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
     max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
     train = Mixture(
-        [
-            fit_prompts(load_prompts(source, ("prompt",), data_opts), tokenizer, max_prompt, source)
-            for source in args.dataset
-        ],
+        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
         args.dataset,
         args.dataset_weights,
     )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    eval_records = (
-        fit_prompts(
-            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
-            tokenizer,
-            max_prompt,
-            "--eval-prompts",
-        )
-        if args.eval_prompts
-        else []
-    )
+    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     torch.manual_seed(args.seed)
 
     student = load_model(

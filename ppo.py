@@ -332,30 +332,22 @@ def main(args: Args) -> None:
         die(f"--reward-weights has {len(weights)} values for {len(args.reward_fn)} --reward-fn")
     reward_fns = [load_reward_fn(spec) for spec in args.reward_fn]
     eval_reward = eval_reward_fn(args.eval_reward_fn, args.reward_fn or None, weights)  # the verifier of eval/accuracy
+    fields = ("prompt",) if use_rm else ("prompt", "answer")
+    train_sources = [load_prompts(source, fields, data_opts) for source in args.dataset]
+    eval_records = (
+        load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
+    )
+    if reward_fns:
+        check_reward_fns(args.reward_fn, reward_fns, weights, train_sources[0])  # a broken function fails now
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
     max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
-    fields = ("prompt",) if use_rm else ("prompt", "answer")
     train = Mixture(
-        [
-            fit_prompts(load_prompts(source, fields, data_opts), tokenizer, max_prompt, source)
-            for source in args.dataset
-        ],
+        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
         args.dataset,
         args.dataset_weights,
     )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    if reward_fns:
-        check_reward_fns(args.reward_fn, reward_fns, weights, prompts)  # a broken function fails now, not at step 1
-    eval_records = (
-        fit_prompts(
-            load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts"),
-            tokenizer,
-            max_prompt,
-            "--eval-prompts",
-        )
-        if args.eval_prompts
-        else []
-    )
+    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     value_init = args.value_init if args.value_init != "auto" else ("reward_model" if use_rm else "policy")
     if value_init == "reward_model" and not use_rm and args.reward_model in ("", None):
         die("--value-init reward_model needs --reward-model")
