@@ -167,15 +167,6 @@ def test_indivisible_batch_is_refused_naming_the_flag(tmp_path):
     assert "--batch-size (7) must be divisible by the number of processes (2)" in proc.stderr
 
 
-def test_reward_model_two_processes_take_the_one_process_step(tmp_path):
-    common = ["--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "2", "--eval-every", "0"]
-    common += ["--output-dir", tmp_path]
-    run_script("reward_model.py", *common, "--run-name", "one")
-    run_torchrun("reward_model.py", *common, "--run-name", "two")
-    _, m2 = assert_same_run(tmp_path / "one", tmp_path / "two", ["train/loss", "train/accuracy", "eval/accuracy"])
-    assert "eval/accuracy" in m2[-1]
-
-
 def test_ppo_two_processes_take_the_one_process_step(tmp_path):
     # one minibatch per epoch: the minibatch is then the whole rollout in both runs (with more, each process draws
     # its minibatches from its own rollouts)
