@@ -38,11 +38,6 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def default_run_name(script: str, seed: int) -> str:
-    """`{script}__{seed}__{unix time}` — rank 0's time on every rank."""
-    return dist.broadcast_object(f"{script}__{seed}__{int(time.time())}")
-
-
 def _is_new(run_dir: Path) -> bool:
     """A directory that no run has written to: absent, or made by a start that stopped before its first metric."""
     return not run_dir.exists() or not any(
