@@ -441,9 +441,11 @@ def main(args: Args) -> None:
             )
             for b0 in range(0, n, local_batch):  # with --dynamic-sampling n may fall short of a whole batch
                 rows = order[b0 : b0 + local_batch]
-                if args.beta == 0 and not dist.all_reduce(float(advantages[rows].any()), "max"):
-                    # no signal in this batch (every group zero-spread): the gradient is exactly 0, but AdamW's
-                    # momentum would still move the weights, so the update is skipped
+                signal = (advantages[rows] != 0) & loss_mask[rows].bool().any(1)  # rows that move the policy
+                if args.beta == 0 and not dist.all_reduce(float(signal.any()), "max"):
+                    # no signal in this batch (every group zero-spread, or every row with an advantage masked by
+                    # --mask-truncated): the gradient is exactly 0, but AdamW's momentum would still move the
+                    # weights, so the update is skipped
                     skipped += 1
                     continue
                 n_tok, n_seq = dist.all_reduce([float(loss_mask[rows].sum()), len(rows)])  # over all processes

@@ -55,6 +55,23 @@ def test_clipping_cases(adv, ratio, expect_loss, clip_low, clip_high, grad_zero)
     assert (logps.grad.abs().item() == 0) == grad_zero
 
 
+def test_beta_k3_term_by_hand():
+    """loss_t = -rho_t A + beta * k3_t with k3 = exp(d) - d - 1, d = log pi_ref - log pi (Schulman's estimator,
+    DeepSeekMath eq. 4). At rho = 1 (old = current): d loss / d logp = -A + beta * (1 - exp(d))."""
+    beta, adv, logp, ref = 0.04, 0.5, -1.0, -1.5
+    d = ref - logp
+    logps = torch.tensor([[logp]], requires_grad=True)
+    loss, _, _ = grpo.grpo_token_loss(
+        logps, torch.tensor([[logp]]), torch.tensor([adv]), 0.2, 0.28, torch.tensor([[ref]]), beta
+    )
+    assert loss.item() == pytest.approx(-adv + beta * (math.exp(d) - d - 1), rel=1e-6)
+    loss.sum().backward()
+    assert logps.grad.item() == pytest.approx(-adv + beta * (1 - math.exp(d)), rel=1e-6)
+    # beta 0: the reference is not read at all
+    plain, _, _ = grpo.grpo_token_loss(logps, torch.tensor([[logp]]), torch.tensor([adv]), 0.2, 0.28)
+    assert plain.item() == pytest.approx(-adv)
+
+
 def brute_force_loss(tok_loss, mask, agg, max_new_tokens):
     per_seq = []
     total, count = 0.0, 0
@@ -108,6 +125,24 @@ def test_aggregations_match_brute_force_and_are_micro_batch_invariant(agg):
 )
 def test_math_reward(completion, answer, expected):
     assert math_reward([None], [completion], [answer]) == [expected]
+
+
+@pytest.mark.parametrize(
+    "completion,expected",
+    [
+        ("The answer is \\boxed{7}.", 1.0),  # a boxed answer
+        ("\\boxed{\\frac{1}{2}}", 1.0),  # nested braces balance
+        ("\\boxed{7", 0.0),  # unbalanced: no final answer is marked
+        ("work...\n#### 42", 1.0),  # a GSM8K final-answer line
+        ("####", 0.0),  # the marker with nothing after it
+        ("#### \n", 0.0),  # only whitespace after it
+        ("The answer is 42.", 0.0),  # an answer, but not marked
+        ("boxed{7}", 0.0),  # no backslash: not LaTeX's \\boxed
+        ("", 0.0),
+    ],
+)
+def test_format_reward_by_hand(completion, expected):
+    assert load_reward_fn("format")(["q"], [completion], [""]) == [expected]
 
 
 def test_answer_extraction_and_normalization():
@@ -219,4 +254,20 @@ def test_no_update_when_every_advantage_is_zero(tmp_path):
     assert all("train/loss" not in r for r in rows[1:])
     before = AutoModelForCausalLM.from_pretrained(TINY_BASE).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "flat" / "final").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_mask_truncated_drops_truncated_completions_from_the_loss(tmp_path):
+    """--max-new-tokens 1 cuts every completion (tiny-base never ends on its first token): with --mask-truncated no
+    token is left in the loss, so every update is skipped and the weights stay; without it the same rollouts (same
+    rewards, spread in every group) give a non-zero gradient."""
+    flags = ("--max-new-tokens", "1", "--reward-fn", "tests.cli_rewards:alternating", "--beta", "0")
+    kept = _grpo(tmp_path, "kept", *flags)
+    masked = _grpo(tmp_path, "masked", *flags, "--mask-truncated")
+    for a, b in zip(kept[1:], masked[1:]):
+        assert a["rollout/truncated_frac"] == b["rollout/truncated_frac"] == 1.0
+        assert a["train/skipped_updates"] == 0 and a["train/grad_norm"] > 0
+        assert b["train/skipped_updates"] == 1 and "train/loss" not in b
+    before = AutoModelForCausalLM.from_pretrained(TINY_BASE).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "masked" / "final").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -147,7 +147,7 @@ SCRIPTS = {
         "--kl-every",
         "1",
         "--reward-fn",
-        "tests.realistic_rewards:length",  # spread on a random model's completions, so updates are not skipped
+        "tests.cli_rewards:length",  # spread on a random model's completions, so updates are not skipped
     ],
     "ppo": [
         "--dataset",
