@@ -218,6 +218,66 @@ def test_cli_rpo_is_normalized_per_step_and_changes_the_update(tmp_path, random_
     assert max((rpo[k] - plain[k]).abs().max().item() for k in rpo) > 1e-4
 
 
+def _naive_first_step(model_dir, pairs, beta, loss_type, eps, rpo_alpha):
+    """The step-1 objective written out plainly: each sequence alone, full log_softmax, the reference equal to the
+    policy (h = 0 in value, not in gradient). Returns (DPO loss, chosen token-mean NLL, gradient norm)."""
+    model = load_model(str(model_dir), dtype="float32", device="cpu")
+    sides = {}
+    for side in ("chosen", "rejected"):
+        sums, counts = [], []
+        for pair in pairs:
+            ids = torch.tensor([pair[f"{side}_ids"]])
+            keep = torch.tensor(pair[f"{side}_labels"])[1:] != IGNORE_INDEX
+            logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+            token_logps = logp[torch.arange(len(keep)), ids[0, 1:]][keep]
+            sums.append(token_logps.sum())
+            counts.append(len(token_logps))
+        sides[side] = (torch.stack(sums), torch.tensor(counts, dtype=torch.float32))
+    (chosen, n_chosen), (rejected, n_rejected) = sides["chosen"], sides["rejected"]
+    if loss_type == "ipo":  # IPO: log-probs averaged over the response's tokens
+        chosen_s, rejected_s = chosen / n_chosen, rejected / n_rejected
+    else:
+        chosen_s, rejected_s = chosen, rejected
+    h = (chosen_s - chosen_s.detach()) - (rejected_s - rejected_s.detach())
+    if loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        losses = -(1 - eps) * torch.nn.functional.logsigmoid(beta * h) - eps * torch.nn.functional.logsigmoid(-beta * h)
+    nll = -chosen.sum() / n_chosen.sum()
+    total = losses.mean() + (rpo_alpha * nll if rpo_alpha else 0.0)
+    grads = torch.autograd.grad(total, [p for p in model.parameters() if p.requires_grad])
+    return losses.mean().item(), nll.item(), torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+
+
+@pytest.mark.parametrize(
+    "loss_type,eps,rpo_alpha",
+    [("sigmoid", 0.0, None), ("sigmoid", 0.25, None), ("ipo", 0.0, None), ("sigmoid", 0.0, 0.5)],
+    ids=["dpo", "label_smoothing", "ipo", "rpo"],
+)
+def test_cli_first_step_matches_the_objective_written_out(tmp_path, random_model_dir, chat_tokenizer, loss_type, eps, rpo_alpha):
+    """`dpo.py --loss-type/--label-smoothing/--rpo-alpha`: step 1's logged loss, NLL and (pre-clip) gradient norm
+    equal the objective computed by hand on the same 8 pairs (the whole data set is the batch). At h = 0 the label
+    smoothing scales the DPO gradient by exactly (1 - 2 eps), so a flag that is read but not applied fails here."""
+    data = _pairs_file(tmp_path / "train.jsonl", n=8)
+    extra = ["--loss-type", loss_type, "--label-smoothing", str(eps), "--beta", "0.1"]
+    if rpo_alpha:
+        extra += ["--rpo-alpha", str(rpo_alpha)]
+    run_script(
+        ROOT / "dpo.py", "--model", random_model_dir, "--dataset", data, "--eval-dataset", data, "--eval-prompts", "", "--max-steps", "1",
+        "--batch-size", "8", "--micro-batch-size", "4", "--dtype", "float32", "--output-dir", tmp_path,
+        "--run-name", "run", *extra,
+    )  # fmt: skip
+    step1 = [r for r in (json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()) if "train/loss" in r]
+    loss, nll, grad_norm = _naive_first_step(
+        random_model_dir, load_preference_dataset(data, chat_tokenizer, 1024), 0.1, loss_type, eps, rpo_alpha
+    )
+    assert step1[0]["train/loss"] == pytest.approx(loss, rel=1e-5)  # ln 2 (DPO), 25 = (1 / (2 * 0.1))^2 (IPO)
+    assert step1[0]["train/loss"] == pytest.approx(25.0 if loss_type == "ipo" else math.log(2), rel=1e-5)
+    assert step1[0]["train/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    if rpo_alpha:
+        assert step1[0]["train/nll_chosen"] == pytest.approx(nll, rel=1e-5)
+
+
 @pytest.mark.slow
 def test_default_dpo_run_learns(tmp_path):
     """`python dpo.py` with no flags: held-out preference accuracy >= 90%, target accuracy +10 points."""
