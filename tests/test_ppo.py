@@ -224,3 +224,30 @@ def test_masked_moments_and_whiten_match_plain_definitions():
     torch.testing.assert_close(w[mask.bool()], (kept - kept.mean()) / kept.std())
     w2 = whiten(x, mask, shift_mean=False, eps=0.0)
     torch.testing.assert_close(w2[mask.bool()], (kept - kept.mean()) / kept.std() + kept.mean())
+
+
+def test_cli_stop_token_missing_eos_penalty_and_whitened_rewards(tmp_path):
+    """Four runs that sample the same step-1 rollouts (same seed, same initial policy), on tiny-base with a 3-token
+    budget so that the 3-digit answers are cut: the flags' effect on step 1, where the policy is the reference (so
+    the KL penalty is exactly 0 and the reward is the score)."""
+    flags = ("--reward-fn", "tiny_world", "--max-new-tokens", "3")
+    first = {}
+    for name, extra in (
+        ("base", ()),
+        ("penalty", ("--missing-eos-penalty", "0.5")),
+        ("stop", ("--stop-token", "1")),
+        ("whiten", ("--whiten-rewards",)),
+    ):
+        first[name] = next(r for r in _ppo(tmp_path, name, *flags, *extra) if "rollout/score_mean" in r)
+    base, penalty, stop, whiten = first["base"], first["penalty"], first["stop"], first["whiten"]
+    assert 0 < base["rollout/no_eos_frac"] < 1 and base["rollout/reward_mean"] == pytest.approx(base["rollout/score_mean"])
+    # --missing-eos-penalty: the same scores, minus 0.5 for each completion that did not end
+    assert penalty["rollout/score_mean"] == base["rollout/score_mean"]
+    expected = base["rollout/score_mean"] - 0.5 * base["rollout/no_eos_frac"]
+    assert penalty["rollout/reward_mean"] == pytest.approx(expected, abs=1e-6)
+    # --stop-token 1: completions end at their first "1" (kept), which every 1xx answer starts with
+    assert stop["rollout/completion_len"] < base["rollout/completion_len"]
+    assert stop["rollout/no_eos_frac"] < base["rollout/no_eos_frac"]
+    # --whiten-rewards: the same rollouts and scores, other per-token rewards, so other returns and value targets
+    assert whiten["rollout/score_mean"] == base["rollout/score_mean"]
+    assert whiten["train/returns_mean"] != pytest.approx(base["train/returns_mean"], abs=1e-3)
