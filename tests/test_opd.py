@@ -1,6 +1,7 @@
 """opd.py: the sampled estimator against the exact reverse KL, the chunked KL against a naive one, the command line."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -37,6 +38,27 @@ def test_sampled_estimator_matches_the_exact_reverse_kl_in_expectation():
     sampled_token_loss(logps, logps.detach(), teacher, epsilon=0.2).mean().backward()
     assert torch.allclose(z_s.grad, exact_grad, atol=0.02), (z_s.grad, exact_grad)
     assert exact_grad.abs().max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "adv,ratio,expect_loss,grad_zero",
+    [
+        # A = log pi_T - log pi_old of the sampled token; loss = max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), eps 0.2
+        (0.5, 1.1, -0.55, False),  # inside the range: -A rho, d/d logp = -A rho
+        (0.5, 1.5, -0.6, True),  # A > 0 above 1 + eps: the clipped value -A * 1.2 is the max, no gradient
+        (0.5, 0.5, -0.25, False),  # A > 0 below 1 - eps: the unclipped -A * 0.5 is the max, gradient flows
+        (-0.5, 0.5, 0.4, True),  # A < 0 below 1 - eps: clipped at 0.8, no gradient
+        (-0.5, 1.5, 0.75, False),  # A < 0 above the range: unclipped (pessimistic), gradient flows
+    ],
+)
+def test_sampled_token_loss_clipping_by_hand(adv, ratio, expect_loss, grad_zero):
+    old, eps = -2.0, 0.2
+    logps = torch.tensor([[old + math.log(ratio)]], requires_grad=True)
+    loss = sampled_token_loss(logps, torch.tensor([[old]]), torch.tensor([[old + adv]]), eps)
+    assert loss.item() == pytest.approx(expect_loss, rel=1e-5)
+    loss.sum().backward()
+    expect_grad = 0.0 if grad_zero else -adv * ratio
+    assert logps.grad.item() == pytest.approx(expect_grad, abs=1e-6)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
