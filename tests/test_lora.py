@@ -132,10 +132,41 @@ def test_peft_loads_the_saved_adapter_with_the_same_logits(random_model_dir, tmp
         assert torch.allclose(peft_model(_ids()).logits, model(_ids()).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_dropout_applies_only_to_the_adapter_input_in_train_mode(random_model_dir):
+    """LoRALinear = base(x) + s * B A dropout(x): in train mode the adapter sees x with entries zeroed or scaled by
+    1 / (1 - p) (inverted dropout, as PEFT), the base sees x untouched; in eval mode dropout is off."""
+    p = 0.5
+    model = _model(random_model_dir)
+    wrapped = add_lora(model, target_names(model, "q_proj"), Args(lora_r=4, lora_alpha=8, lora_dropout=p))
+    _randomize_b(wrapped)
+    layer = next(iter(wrapped.values()))
+    seen = {}
+    layer.dropout.register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0], dropped=out))
+    x = torch.randn(3, 5, layer.base.in_features)
+    layer.train()
+    torch.manual_seed(0)
+    out = layer(x)
+    ratio = seen["dropped"] / seen["x"]
+    kept = ratio != 0
+    assert 0 < kept.float().mean() < 1 and torch.allclose(ratio[kept], torch.full_like(ratio[kept], 1 / (1 - p)))
+    expected = x @ layer.base.weight.T + layer.scaling * (seen["dropped"] @ layer.lora_A.T) @ layer.lora_B.T
+    if layer.base.bias is not None:
+        expected = expected + layer.base.bias
+    assert torch.allclose(out, expected, atol=1e-5)
+    layer.eval()
+    no_dropout = x @ layer.base.weight.T + layer.scaling * (x @ layer.lora_A.T) @ layer.lora_B.T
+    if layer.base.bias is not None:
+        no_dropout = no_dropout + layer.base.bias
+    assert torch.allclose(layer(x), no_dropout, atol=1e-5) and torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4", "int8"])
 def test_cli_end_to_end_with_merge(tmp_path, random_model_dir, quantize):
+    dropout = 0.1 if quantize == "int8" else 0.0  # one case trains with adapter dropout (saved in adapter_config)
     run_script(
         ROOT / "lora.py",
+        "--lora-dropout",
+        str(dropout),
         "--model",
         random_model_dir,
         "--eval-prompts",
@@ -158,7 +189,7 @@ def test_cli_end_to_end_with_merge(tmp_path, random_model_dir, quantize):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert rows[-1]["train/lora_update_ratio"] > 0 and "eval/loss" in rows[-1]
     config = json.loads((run / "final" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 16
+    assert config["peft_type"] == "LORA" and config["r"] == 16 and config["lora_dropout"] == dropout
     merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
     # the merged model = the base (dequantized, if quantized) + the saved adapters
     model = _model(random_model_dir)
