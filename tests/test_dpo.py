@@ -254,7 +254,9 @@ def _naive_first_step(model_dir, pairs, beta, loss_type, eps, rpo_alpha):
     [("sigmoid", 0.0, None), ("sigmoid", 0.25, None), ("ipo", 0.0, None), ("sigmoid", 0.0, 0.5)],
     ids=["dpo", "label_smoothing", "ipo", "rpo"],
 )
-def test_cli_first_step_matches_the_objective_written_out(tmp_path, random_model_dir, chat_tokenizer, loss_type, eps, rpo_alpha):
+def test_cli_first_step_matches_the_objective_written_out(
+    tmp_path, random_model_dir, chat_tokenizer, loss_type, eps, rpo_alpha
+):
     """`dpo.py --loss-type/--label-smoothing/--rpo-alpha`: step 1's logged loss, NLL and (pre-clip) gradient norm
     equal the objective computed by hand on the same 8 pairs (the whole data set is the batch). At h = 0 the label
     smoothing scales the DPO gradient by exactly (1 - 2 eps), so a flag that is read but not applied fails here."""

@@ -240,7 +240,9 @@ def test_cli_stop_token_missing_eos_penalty_and_whitened_rewards(tmp_path):
     ):
         first[name] = next(r for r in _ppo(tmp_path, name, *flags, *extra) if "rollout/score_mean" in r)
     base, penalty, stop, whiten = first["base"], first["penalty"], first["stop"], first["whiten"]
-    assert 0 < base["rollout/no_eos_frac"] < 1 and base["rollout/reward_mean"] == pytest.approx(base["rollout/score_mean"])
+    assert 0 < base["rollout/no_eos_frac"] < 1 and base["rollout/reward_mean"] == pytest.approx(
+        base["rollout/score_mean"]
+    )
     # --missing-eos-penalty: the same scores, minus 0.5 for each completion that did not end
     assert penalty["rollout/score_mean"] == base["rollout/score_mean"]
     expected = base["rollout/score_mean"] - 0.5 * base["rollout/no_eos_frac"]
