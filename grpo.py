@@ -35,7 +35,7 @@ import tyro
 
 from common import die, dist
 from common.data import Mixture, check_batch_sizes, data_options, fit_prompts, load_prompts, prompt_budget
-from common.generation import derive_seed, generate
+from common.generation import derive_seed, generate, logprob_mismatch
 from common.logprobs import completion_logprobs
 from common.model import (
     load_model,
@@ -121,7 +121,8 @@ class Args:
     temperature: float = 1.0
     """sampling temperature, applied to the training log-probs as well"""
     top_p: float = 1.0
-    """nucleus sampling"""
+    """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
+    differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
     max_resample_rounds: int = 4
@@ -391,7 +392,7 @@ def main(args: Args) -> None:
                     continue
                 if len(groups) < len(batch):
                     rows = slice(g * args.group_size, (g + 1) * args.group_size)
-                    group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated")}
+                    group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated", "sampler_logps")}
                     group["rewards"] = rewards[g]
                     group["per_fn"] = {k: v[rows] for k, v in per_fn.items()}
                     groups.append(group)
@@ -435,6 +436,9 @@ def main(args: Args) -> None:
         t1 = time.time()
         stats = {k: [] for k in ("loss", "clip_frac_low", "clip_frac_high", "entropy", "grad_norm")}  # per update
         train_tokens, skipped = torch.zeros((), device=device), 0  # on the device: one host sync per optimizer step
+        # the training forward's log-probs of the rollout tokens, compared with the sampler's below (without
+        # old_logps: from the first pass, NaN for rows of a skipped update)
+        trainer_logps = old_logps if old_logps is not None else torch.full_like(rollout["sampler_logps"], math.nan)
         for it in range(args.num_iterations):
             order = torch.randperm(
                 n, generator=torch.Generator().manual_seed(derive_seed(args.seed, "minibatch", step, it))
@@ -463,6 +467,8 @@ def main(args: Args) -> None:
                         vocab=vocab,  # the support `generate` sampled from: the tokenizer's ids
                     )  # (m, L)
                     old = old_logps[mb] if old_logps is not None else logps.detach()
+                    if old_logps is None and it == 0:
+                        trainer_logps[mb] = old.to(trainer_logps.device)
                     ref_mb = ref_logps[mb] if (ref_logps is not None and args.beta != 0) else None
                     tok_loss, low, high = grpo_token_loss(
                         logps, old, advantages[mb].to(device), args.epsilon, args.epsilon_high, ref_mb, args.beta
@@ -505,6 +511,9 @@ def main(args: Args) -> None:
             )
             metrics["train/kl"] = k3_sum / max(1.0, n_mask)
             metrics["train/kl_k1"] = k1_sum / max(1.0, n_mask)
+
+        seen = ~trainer_logps.isnan()
+        metrics.update(logprob_mismatch(rollout["sampler_logps"], trainer_logps, rollout["completion_mask"] * seen))
 
         r = all_rewards
         lengths = dist.all_gather(rollout["completion_mask"].sum(1).float())
@@ -561,6 +570,7 @@ def _stack_groups(groups: list[dict], pad_id: int) -> dict:
         "completion_mask": torch.cat(
             [pad(g["completion_mask"], (0, L - g["completion_mask"].shape[1])) for g in groups]
         ),
+        "sampler_logps": torch.cat([pad(g["sampler_logps"], (0, L - g["sampler_logps"].shape[1])) for g in groups]),
         "truncated": torch.cat([g["truncated"] for g in groups]),
         "rewards": torch.cat([g["rewards"] for g in groups]).float(),
         "per_fn": {k: [x for g in groups for x in g["per_fn"][k]] for k in groups[0]["per_fn"]},

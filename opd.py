@@ -32,7 +32,7 @@ import tyro
 
 from common import die, dist
 from common.data import Mixture, data_options, fit_prompts, load_prompts, prompt_budget
-from common.generation import generate
+from common.generation import generate, logprob_mismatch
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
     load_model,
@@ -461,7 +461,9 @@ def main(args: Args) -> None:
         # reverse KL per token: exact with --objective full, else the sampled estimate E[log pi_S - log pi_T]
         reverse_kl = kls[0] if full else dist.masked_mean(old_logps - teacher_logps, mask)
         lengths = dist.all_gather(out["completion_mask"].sum(1).float())
+        trainer_logps = teacher_logps if cold else old_logps  # the training forward of the model that sampled
         metrics = {
+            **logprob_mismatch(out["sampler_logps"], trainer_logps, mask),
             "train/loss": sum(losses) / len(losses),
             "train/phase": 0.0 if cold else 1.0,
             "train/reverse_kl": reverse_kl,

@@ -43,7 +43,7 @@ from common.data import (
     prompt_budget,
     tokenize_pair_side,
 )
-from common.generation import derive_seed, generate
+from common.generation import derive_seed, generate, logprob_mismatch
 from common.logprobs import completion_logprobs
 from common.model import (
     last_token_scores,
@@ -135,7 +135,8 @@ class Args:
     temperature: float = 1.0
     """sampling temperature, applied to the training log-probs as well"""
     top_p: float = 1.0
-    """nucleus sampling"""
+    """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
+    differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
     stop_token: str | None = None
     """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
     generation_batch_size: int | None = None
@@ -582,6 +583,7 @@ def main(args: Args) -> None:
         explained = 1 - masked_moments(returns - old_values, mask_d)[1] / max(returns_var, 1e-8)
         lengths = dist.all_gather(mask.sum(1).float())
         metrics = {
+            **logprob_mismatch(out["sampler_logps"], old_logps, mask_d),
             "rollout/score_mean": raw_scores.mean().item(),
             "rollout/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "rollout/reward_mean": (all_scores + non_score_per_seq).mean().item(),

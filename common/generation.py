@@ -1,7 +1,8 @@
 """Batched generation from a list of prompts: chat template, left padding, KV cache, stop at EOS.
 
 Returns prompt ids, completion ids, a completion mask (1 up to and including the first EOS, 0 after), whether each
-completion was truncated (no EOS within `max_new_tokens`), and the decoded text. Greedy mode is for evaluation.
+completion was truncated (no EOS within `max_new_tokens`), the decoded text, and (when sampling) the log-prob under
+which the sampler drew each token, so the trainer's log-probs can be checked against it. Greedy mode is for evaluation.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import hashlib
 import math
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, StoppingCriteria, TemperatureLogitsWarper, TopPLogitsWarper
 
 from common import dist
 from common.data import has_chat_template, render_prompt
@@ -68,6 +69,47 @@ def sampling_config(
     )
 
 
+class SamplerLogprobs(LogitsProcessor, StoppingCriteria):
+    """Records log pi_sampler(token) for every sampled token: the log-softmax of the scores `generate` samples from,
+    gathered at the token it drew. It is the last logits processor (the generation config's temperature and top-p
+    are set to 1 so that transformers appends no warper after it; this object applies them itself, with
+    transformers' own warpers, so the distribution is the one transformers would sample) and, as a stopping
+    criterion that never stops anything, it sees each token once it is appended. One (B, V) fp32 log-softmax is kept
+    between the two calls; what is recorded is (B,) per step, on the device (no host sync)."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.warpers = ([TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []) + (
+            [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        )
+        self.pending = None  # (B, V) log-softmax of the last step's final scores
+        self.steps = []  # per generated token: (B,) log-probs of the sampled tokens
+
+    def __call__(self, input_ids, scores):
+        if self.pending is None:  # logits processor: scores (B, V) -> warped scores, remembered
+            for warper in self.warpers:
+                scores = warper(input_ids, scores)
+            self.pending = torch.log_softmax(scores.float(), dim=-1)
+            return scores
+        # stopping criterion: input_ids (B, T) now ends with the token sampled from `pending`
+        self.steps.append(self.pending.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.pending = None
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def logprobs(self) -> torch.Tensor:
+        return torch.stack(self.steps, dim=1)  # (B, L)
+
+
+def logprob_mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the training forward's log-probs of the sampled tokens are from the sampler's: the mean and max of
+    |log pi_sampler - log pi_trainer| over mask == 1 (B, L) on every process. ~1e-6 in fp32 with the same model;
+    larger in bf16, with another kernel (vLLM), or with --top-p < 1 (the loss does not renormalize to the nucleus)."""
+    diff = torch.where(mask.bool(), (sampler_logps.to(trainer_logps.device) - trainer_logps).abs(), 0.0)  # (B, L)
+    return {
+        "rollout/logprob_diff_mean": dist.masked_mean(diff, mask),
+        "rollout/logprob_diff_max": dist.all_reduce(float(diff.max()), "max"),
+    }
+
+
 def derive_seed(seed: int, stream: str, step: int, round_: int = 0, call: int = 0) -> int:
     """The one place every per-step seed of a run comes from: `stream` names what is seeded ("sample": a generate
     call, "minibatch": a PPO/GRPO epoch's shuffle), `step` the optimizer step, `round_` GRPO's resampling round or
@@ -111,7 +153,9 @@ def generate(
 
     prompts: strings or message lists. Returns dict with
       prompt_ids (B*n, P) left-padded, prompt_mask (B*n, P), completion_ids (B*n, L), completion_mask (B*n, L),
-      truncated (B*n,) bool, texts list[str] (decoded completions without special tokens).
+      truncated (B*n,) bool, texts list[str] (decoded completions without special tokens), and when sampling
+      sampler_logps (B*n, L) fp32: log pi_sampler of each completion token (softmax(logits / temperature) after
+      top-p, over the tokenizer's ids), 0 where completion_mask is 0.
     """
     device = next(model.parameters()).device
     texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
@@ -129,6 +173,8 @@ def generate(
         pad_id=pad_id,
         padding_rows=range(len(tokenizer), model.get_output_embeddings().weight.shape[0]),  # (global shape if sharded)
     )
+    if not greedy:  # temperature and top-p are applied by the recorder, the last processor (see SamplerLogprobs)
+        config.temperature, config.top_p = 1.0, 1.0
     checkpoint_config, model.generation_config = model.generation_config, config  # its values would be merged in
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork, dist.unsharded(model), _restore(model, "generation_config", checkpoint_config):
@@ -144,8 +190,12 @@ def generate(
                 padding=True,
                 add_special_tokens=not has_chat_template(tokenizer),
             ).to(device)
-            out = model.generate(**enc, generation_config=config, synced_gpus=False)  # synced: see above
-            rows.append((enc["input_ids"], enc["attention_mask"], out[:, enc["input_ids"].shape[1] :]))
+            recorder = None if greedy else SamplerLogprobs(temperature, top_p)
+            hooks = {} if greedy else {"logits_processor": [recorder], "stopping_criteria": [recorder]}
+            out = model.generate(**enc, generation_config=config, synced_gpus=False, **hooks)  # synced: see above
+            sampled = out[:, enc["input_ids"].shape[1] :]
+            logps = recorder.logprobs() if recorder is not None else torch.zeros(sampled.shape, device=sampled.device)
+            rows.append((enc["input_ids"], enc["attention_mask"], sampled, logps))
     P = max(r[0].shape[1] for r in rows)
     L = max(r[2].shape[1] for r in rows)
 
@@ -161,7 +211,7 @@ def generate(
     mask, truncated = completion_mask(completion_ids, eos_ids)
     completion_ids = completion_ids.masked_fill(mask == 0, pad_id)
     decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return {
+    out = {
         "prompt_ids": prompt_ids,
         "prompt_mask": prompt_mask,
         "completion_ids": completion_ids,
@@ -169,3 +219,6 @@ def generate(
         "truncated": truncated,
         "texts": decoded,
     }
+    if not greedy:  # after EOS the rows were padded (their recorded values are meaningless, maybe -inf): 0
+        out["sampler_logps"] = torch.cat([right_pad(r[3], L, 0.0) for r in rows]).masked_fill(mask == 0, 0.0)
+    return out

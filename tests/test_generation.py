@@ -1,5 +1,7 @@
 """Batched generation: the completion mask after EOS, shapes and ordering, greedy and seeded sampling."""
 
+import math
+
 import torch
 
 from common.generation import completion_mask, generate
@@ -76,3 +78,66 @@ def test_a_checkpoints_generation_config_does_not_change_what_is_sampled(tmp_pat
     plain = load_model(str(TINY_BASE), dtype="float32", device="cpu").eval()
     ref = plain.generate(**enc, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert not torch.equal(raw, ref)
+
+
+def _full_logprobs(model, out, temperature):
+    """log softmax(logits / T) of every completion position from one plain forward (the reference, no chunking)."""
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    attn = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits.float()
+    P = out["prompt_ids"].shape[1]
+    return torch.log_softmax(logits[:, P - 1 : -1] / temperature, -1)  # (B, L, V)
+
+
+def test_sampler_logprobs_are_the_sampled_distribution(random_model_dir):
+    """`sampler_logps` = log of the probability the sampler drew each token with: at temperature 0.7 it equals
+    log softmax(logits / 0.7) of a plain forward; with top-p 0.8 it equals that renormalized over the nucleus
+    (the smallest set of most likely tokens whose mass reaches 0.8), written out here; 0 after EOS. The samples are
+    the ones transformers' own sampler draws with the same settings and seed."""
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu").eval()
+    tok = load_tokenizer(str(random_model_dir))
+    prompts = ["What is 1+2?", "Reverse: abcdef", "Uppercase: hi"]
+    out = generate(model, tok, prompts, n=4, max_new_tokens=8, temperature=0.7, seed=0)
+    mask = out["completion_mask"].bool()
+    ref = _full_logprobs(model, out, 0.7).gather(-1, out["completion_ids"][..., None]).squeeze(-1)
+    torch.testing.assert_close(out["sampler_logps"][mask], ref[mask], atol=1e-5, rtol=0)
+    assert (out["sampler_logps"][~mask] == 0).all() and (out["sampler_logps"][mask] < 0).all()
+
+    top = generate(model, tok, prompts, n=4, max_new_tokens=8, temperature=0.7, top_p=0.8, seed=1)
+    logp = _full_logprobs(model, top, 0.7)  # (B, L, V)
+    nucleus_logps = torch.zeros_like(top["sampler_logps"])
+    for b in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            if not top["completion_mask"][b, t]:
+                continue
+            probs = logp[b, t].exp()
+            kept, mass = set(), 0.0
+            for i in probs.argsort(descending=True).tolist():  # most likely first, until the mass reaches 0.8
+                kept.add(i)
+                mass += probs[i].item()
+                if mass >= 0.8:
+                    break
+            token = top["completion_ids"][b, t].item()
+            assert token in kept  # never sampled outside the nucleus
+            nucleus_logps[b, t] = math.log(probs[token].item() / sum(probs[i].item() for i in kept))
+    torch.testing.assert_close(top["sampler_logps"], nucleus_logps, atol=1e-5, rtol=0)
+
+    # the same tokens transformers' own temperature sampler draws (the recorder changes no probability)
+    enc = tok(
+        [
+            tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+            for _ in range(4)
+        ],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    )
+    torch.manual_seed(0)
+    plain = model.generate(
+        **enc, max_new_tokens=8, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, pad_token_id=tok.pad_token_id
+    )[:, enc["input_ids"].shape[1] :]
+    assert torch.equal(plain[mask[:, : plain.shape[1]]], out["completion_ids"][mask])
+    assert "sampler_logps" not in generate(model, tok, prompts, greedy=True, max_new_tokens=4)
