@@ -33,9 +33,11 @@ from common.data import (
     Mixture,
     check_batch_sizes,
     data_options,
+    fit_prompts,
     load_preference_dataset,
     load_prompts,
     pair_micro_batches,
+    prompt_budget,
 )
 from common.logprobs import token_logprobs
 from common.model import (
@@ -250,6 +252,8 @@ def main(args: Args) -> None:
     eval_records = (
         load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
     )
+    eval_budget = prompt_budget(None, args.model, args.eval_max_new_tokens)  # the context minus the answer's room
+    eval_records = fit_prompts(eval_records, tokenizer, eval_budget, "--eval-prompts", flag="--eval-max-new-tokens")
     pad_id = tokenizer.pad_token_id
     model = load_model(
         str(ckpt) if ckpt else args.model,

@@ -34,7 +34,7 @@ import torch
 import tyro
 
 from common import die, dist
-from common.data import Mixture, check_batch_sizes, data_options, fit_prompts, load_prompts, prompt_budget
+from common.data import check_batch_sizes, data_options, fit_rollout_prompts, load_prompts
 from common.generation import derive_seed, generate, logprob_mismatch
 from common.logprobs import completion_logprobs
 from common.model import (
@@ -290,14 +290,8 @@ def main(args: Args) -> None:
     )
     check_reward_fns(args.reward_fn, reward_fns, weights, train_sources[0])  # a broken function fails now
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
-    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
-    train = Mixture(
-        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
-        args.dataset,
-        args.dataset_weights,
-    )
+    train, eval_records = fit_rollout_prompts(train_sources, eval_records, tokenizer, args)  # over-long: dropped
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     torch.manual_seed(args.seed)
 
     vocab = len(tokenizer)  # sampling and log-probs are over the tokenizer's ids (heads may have padding rows)

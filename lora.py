@@ -39,9 +39,11 @@ from common.data import (
     check_batch_sizes,
     count_loss_tokens,
     data_options,
+    fit_prompts,
     load_prompts,
     load_sft_dataset,
     micro_batches,
+    prompt_budget,
 )
 from common.logprobs import token_logprobs
 from common.model import (
@@ -431,6 +433,8 @@ def main(args: Args) -> None:
     eval_records = (
         load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
     )
+    eval_budget = prompt_budget(None, args.model, args.eval_max_new_tokens)  # the context minus the answer's room
+    eval_records = fit_prompts(eval_records, tokenizer, eval_budget, "--eval-prompts", flag="--eval-max-new-tokens")
     model = load_model(
         args.model,
         dtype=args.dtype,

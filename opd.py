@@ -31,7 +31,7 @@ import torch
 import tyro
 
 from common import die, dist
-from common.data import Mixture, data_options, fit_prompts, load_prompts, prompt_budget
+from common.data import data_options, fit_rollout_prompts, load_prompts
 from common.generation import generate, logprob_mismatch
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
@@ -318,14 +318,8 @@ def main(args: Args) -> None:
         load_tokenizer(args.teacher, args.chat_template_kwargs),
     )
     check_same_vocabulary(tokenizer, teacher_tokenizer, args.model, args.teacher)
-    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
-    train = Mixture(
-        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
-        args.dataset,
-        args.dataset_weights,
-    )
+    train, eval_records = fit_rollout_prompts(train_sources, eval_records, tokenizer, args)  # over-long: dropped
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     torch.manual_seed(args.seed)
 
     student = load_model(

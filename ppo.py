@@ -35,12 +35,10 @@ from transformers import AutoModelForSequenceClassification
 from common import die, dist
 from common.data import (
     IGNORE_INDEX,
-    Mixture,
     collate,
     data_options,
-    fit_prompts,
+    fit_rollout_prompts,
     load_prompts,
-    prompt_budget,
     tokenize_pair_side,
 )
 from common.generation import derive_seed, generate, logprob_mismatch
@@ -341,14 +339,8 @@ def main(args: Args) -> None:
     if reward_fns:
         check_reward_fns(args.reward_fn, reward_fns, weights, train_sources[0])  # a broken function fails now
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
-    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
-    train = Mixture(
-        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
-        args.dataset,
-        args.dataset_weights,
-    )
+    train, eval_records = fit_rollout_prompts(train_sources, eval_records, tokenizer, args)  # over-long: dropped
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
-    eval_records = fit_prompts(eval_records, tokenizer, max_prompt, "--eval-prompts")
     value_init = args.value_init if args.value_init != "auto" else ("reward_model" if use_rm else "policy")
     if value_init == "reward_model" and not use_rm and args.reward_model in ("", None):
         die("--value-init reward_model needs --reward-model")

@@ -460,12 +460,20 @@ def apply_template(tokenizer, messages: list[dict], **kwargs) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, **extra, **kwargs)
 
 
-def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, what: str, log=print) -> list[dict]:
+def fit_prompts(
+    records: list[dict], tokenizer, max_prompt_length: int, what: str, log=print, flag: str = "--max-prompt-length"
+) -> list[dict]:
     """The records whose prompt (after the chat template) is at most `max_prompt_length` tokens; the others are
     dropped and counted in one line, so one over-long prompt cannot end a run with an out-of-memory at whatever
-    step samples it. All dropped: one error naming the source and the flag."""
+    step samples it. All dropped: one error naming the source and the flag. `flag`: what sets the bound
+    (sft/lora/dpo's evaluation prompts get the model's context minus `--eval-max-new-tokens`)."""
     if not records:
         return records
+    bound = (
+        f"--max-prompt-length {max_prompt_length} tokens"
+        if flag == "--max-prompt-length"
+        else f"{max_prompt_length} tokens (the model's context minus {flag})"
+    )
     keep, longest = [], 0
     for s in range(0, len(records), 1000):
         chunk = records[s : s + 1000]
@@ -476,14 +484,14 @@ def fit_prompts(records: list[dict], tokenizer, max_prompt_length: int, what: st
         longest = max(longest, *lengths)
         keep += [r for r, n in zip(chunk, lengths) if n <= max_prompt_length]
     if not keep:
+        remedy = "raise --max-prompt-length" if flag == "--max-prompt-length" else f"lower {flag}"
         die(
-            f"{what}: every prompt is longer than --max-prompt-length {max_prompt_length} tokens (the shortest "
-            f"rendered prompt is over it; the longest has {longest}): raise --max-prompt-length or shorten the prompts"
+            f"{what}: every prompt is longer than {bound} (the shortest rendered prompt is over it; the longest has "
+            f"{longest}): {remedy} or shorten the prompts"
         )
     if len(keep) < len(records):
         log(
-            f"{what}: dropped {len(records) - len(keep)} of {len(records)} prompts longer than --max-prompt-length "
-            f"{max_prompt_length} tokens (longest {longest})"
+            f"{what}: dropped {len(records) - len(keep)} of {len(records)} prompts longer than {bound} (longest {longest})"
         )
     return keep
 
@@ -1151,3 +1159,19 @@ def pair_micro_batches(pairs: list[dict], indices: list[int], micro_batch_size: 
 def count_loss_tokens(batches: list[dict]) -> int:
     """Loss tokens in a whole optimizer step: the normalizer of its token-mean loss (targets are labels[:, 1:])."""
     return int(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches))
+
+
+def fit_rollout_prompts(train_sources: list[list[dict]], eval_records: list[dict], tokenizer, args):
+    """grpo/ppo/opd's prompts, made to fit: each `--dataset` source's prompts longer than `--max-prompt-length`
+    (default: the model's context minus `--max-new-tokens`) dropped and counted, the evaluation prompts against
+    the room their own answers need (`--eval-max-new-tokens`, default `--max-new-tokens`). Returns the training
+    `Mixture` and the evaluation records that fit."""
+    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
+    train = Mixture(
+        [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
+        args.dataset,
+        args.dataset_weights,
+    )
+    eval_new_tokens = args.eval_max_new_tokens or args.max_new_tokens
+    eval_prompt = prompt_budget(args.max_prompt_length, args.model, eval_new_tokens)
+    return train, fit_prompts(eval_records, tokenizer, eval_prompt, "--eval-prompts")

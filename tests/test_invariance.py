@@ -388,3 +388,28 @@ def test_an_over_long_prompt_is_dropped_and_counted(bad_inputs, tmp_path):
         "--group-size", "2", "--eval-prompts", "", "--output-dir", tmp_path,
     )  # fmt: skip
     assert "one_long.jsonl: dropped 1 of 40 prompts longer than --max-prompt-length 248 tokens" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "script, flags, bound",
+    [
+        ("sft", [], "240 tokens (the model's context minus --eval-max-new-tokens)"),
+        ("lora", [], "240 tokens (the model's context minus --eval-max-new-tokens)"),
+        ("dpo", [], "240 tokens (the model's context minus --eval-max-new-tokens)"),
+        (
+            "grpo",
+            ["--eval-max-new-tokens", "64", "--prompts-per-step", "4", "--group-size", "2"],
+            "--max-prompt-length 192 tokens",
+        ),
+    ],
+)
+def test_an_over_long_evaluation_prompt_is_dropped_and_counted(bad_inputs, script, flags, bound, tmp_path):
+    """Evaluation prompts must fit the model's context (tiny-base: 256) minus the room their answers get
+    (--eval-max-new-tokens: 16 in sft, lora and dpo, which have no --max-prompt-length; grpo's default budget is
+    taken against its evaluation's own answer length); a longer one is dropped and counted, the rest evaluated."""
+    proc = run_script(
+        f"{script}.py", "--eval-prompts", bad_inputs / "one_long.jsonl", "--max-steps", "1", "--batch-size", "8",
+        *flags, "--output-dir", tmp_path, "--run-name", "run",
+    )  # fmt: skip
+    assert f"--eval-prompts: dropped 1 of 40 prompts longer than {bound}" in proc.stdout
+    assert "eval/accuracy" in read_metrics(tmp_path / "run")[-1]
