@@ -436,8 +436,8 @@ def main(args: Args) -> None:
 
     def save_ppo_checkpoint(step: int, kl_coef: float) -> None:
         def write(d):  # the policy in the checkpoint itself, the value model beside it
-            save_model(policy, tokenizer, d)
-            save_model(value_model, tokenizer, d / "value_model")
+            save_model(policy, tokenizer, d, sync=False)  # save_checkpoint flushes the whole directory
+            save_model(value_model, tokenizer, d / "value_model", sync=False)
 
         save_checkpoint(
             run_dir, step, policy, tokenizer, optimizer, scheduler, {"kl_coef": kl_coef}, write, state_model=trained

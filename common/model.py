@@ -221,12 +221,15 @@ def load_tokenizer(name_or_path: str, chat_template_kwargs: str | dict | None = 
     return tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path) -> Path:
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path, *, sync: bool = True
+) -> Path:
     """Hugging Face format (safetensors + config + tokenizer) in the checkpoint's own dtype (`disk_dtype`: a bf16
     model trained from fp32 master weights is written in bf16 again), written to `out_dir.tmp` then renamed into
     place, so a crash never leaves a half-written checkpoint where a loader would find it. For a sharded model
     (FSDP2, see `common.dist.wrap`) every rank calls it: its full state dict is gathered to rank 0, which alone
-    writes (a plain model is written by rank 0, with no collective)."""
+    writes (a plain model is written by rank 0, with no collective). `sync=False` skips the fsync for a caller that
+    syncs the whole directory itself (`save_checkpoint`, which would otherwise flush the weights twice)."""
     out_dir = Path(out_dir)
     sharded = dist.is_sharded(model)
     state_dict = dist.full_state_dict(model) if sharded else None  # a collective
@@ -250,7 +253,8 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None
             config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        if sync:
+            _fsync_tree(tmp)
         _replace(tmp, out_dir)
     if sharded:
         dist.barrier()
@@ -332,7 +336,7 @@ def save_checkpoint(
     if save_fn is not None:
         save_fn(tmp)
     else:
-        save_model(model, tokenizer, tmp)
+        save_model(model, tokenizer, tmp, sync=False)  # synced below with the rest of the checkpoint
     dist.barrier()  # rank 0's model files are in place before the other ranks write theirs
     sharded = dist.is_sharded(model)
     if sharded and optimizer is not None:

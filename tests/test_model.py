@@ -142,3 +142,30 @@ def test_attn_implementation_and_chat_template_kwargs_flags(random_model_dir):
         load_tokenizer(str(random_model_dir), "{enable_thinking: false}")
     with pytest.raises(SystemExit, match="--chat-template-kwargs must be a JSON object"):
         load_tokenizer(str(random_model_dir), "[1, 2]")
+
+
+def test_a_checkpoint_is_flushed_once_before_its_name_says_complete(random_model_dir, tmp_path, monkeypatch):
+    """save_checkpoint fsyncs every file it wrote exactly once (the model's weights are not flushed twice, once by
+    save_model and again for the checkpoint), and all of them before `step_N.tmp` is renamed to `step_N`."""
+    import os
+
+    from common.model import save_checkpoint
+
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu")
+    tokenizer = load_tokenizer(str(random_model_dir))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    synced = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.isfile(path):
+            synced.append(path)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    ckpt = save_checkpoint(tmp_path, 3, model, tokenizer, optimizer, None)
+    files = sorted(str(f) for f in ckpt.rglob("*") if f.is_file())
+    tmp_dir = str(ckpt) + ".tmp"
+    assert files and sorted(p.replace(tmp_dir, str(ckpt)) for p in synced) == files
+    assert all(p.startswith(tmp_dir + "/") for p in synced)  # flushed under the .tmp name, before the rename
