@@ -35,7 +35,7 @@ import tyro
 
 from common import die, dist
 from common.data import check_batch_sizes, data_options, fit_rollout_prompts, load_prompts
-from common.generation import derive_seed, generate, logprob_mismatch
+from common.generation import correction_metrics, derive_seed, generate, logprob_mismatch, rollout_correction
 from common.logprobs import completion_logprobs
 from common.model import (
     load_model,
@@ -123,6 +123,13 @@ class Args:
     top_p: float = 1.0
     """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
     differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """reweight each sampled token's loss by rho = pi_trainer / pi_sampler, the sampler/trainer mismatch: tis =
+    min(rho, --is-cap) per token (truncated IS), mis = the sequence's rho where it lies in [1/cap, cap], else the
+    sequence is dropped. none: here the sampler is the training forward itself (rollout/logprob_diff_max ~1e-6 in
+    fp32); see common.generation.rollout_correction"""
+    is_cap: float = 2.0
+    """C of --is-correction"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
     max_resample_rounds: int = 4
@@ -467,6 +474,10 @@ def main(args: Args) -> None:
                     tok_loss, low, high = grpo_token_loss(
                         logps, old, advantages[mb].to(device), args.epsilon, args.epsilon_high, ref_mb, args.beta
                     )
+                    w_is, _ = rollout_correction(  # the sampler/trainer mismatch (1 with --is-correction none)
+                        old, rollout["sampler_logps"][mb].to(device), mb_mask, args.is_correction, args.is_cap
+                    )
+                    tok_loss = tok_loss * w_is
                     loss = (tok_loss * w[m0 : m0 + args.micro_batch_size].to(device)).sum()
                     loss.backward()
                     with torch.no_grad():
@@ -507,7 +518,12 @@ def main(args: Args) -> None:
             metrics["train/kl_k1"] = k1_sum / max(1.0, n_mask)
 
         seen = ~trainer_logps.isnan()
-        metrics.update(logprob_mismatch(rollout["sampler_logps"], trainer_logps, rollout["completion_mask"] * seen))
+        sampled = rollout["completion_mask"] * seen
+        if dist.all_reduce(float(sampled.sum())) > 0:  # none when every update was skipped without old_logps
+            metrics.update(logprob_mismatch(rollout["sampler_logps"], trainer_logps, sampled))
+            metrics.update(
+                correction_metrics(trainer_logps, rollout["sampler_logps"], sampled, args.is_correction, args.is_cap)
+            )
 
         r = all_rewards
         lengths = dist.all_gather(rollout["completion_mask"].sum(1).float())

@@ -32,7 +32,7 @@ import tyro
 
 from common import die, dist
 from common.data import data_options, fit_rollout_prompts, load_prompts
-from common.generation import generate, logprob_mismatch
+from common.generation import correction_metrics, generate, logprob_mismatch, rollout_correction
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
     load_model,
@@ -117,6 +117,13 @@ class Args:
     loaded, for training and evaluation (default: the model's context length minus --max-new-tokens)"""
     temperature: float = 1.0
     """sampling temperature; both models' log-probs are taken at this temperature"""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """reweight each sampled token's loss by rho = pi_trainer / pi_sampler of the student, the sampler/trainer
+    mismatch (not in the cold start, which imitates the teacher's samples): tis = min(rho, --is-cap) per token, mis
+    = the sequence's rho where it lies in [1/cap, cap], else the sequence is dropped; none: here the sampler is the
+    training forward itself; see common.generation.rollout_correction"""
+    is_cap: float = 2.0
+    """C of --is-correction"""
     generation_batch_size: int | None = None
     """completions per generate call in each process (default: all of the process's completions of the step);
     call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
@@ -395,6 +402,7 @@ def main(args: Args) -> None:
         )
         seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]
         mask = out["completion_mask"].float().to(device)
+        sampler_logps = out["sampler_logps"].to(device)  # (n, L) what the sampler drew each token with
         gen_s = time.time() - t0
         with torch.no_grad():
             old_logps, teacher_logps, top1, top5 = [], [], [], []
@@ -434,6 +442,12 @@ def main(args: Args) -> None:
                             student, full_reverse_kl, teacher, part, args.temperature, args.kl_chunk_size, vocab
                         )
                         sums[1] += (tok_loss.detach() * m).sum()
+                    if not cold:  # the sampler/trainer mismatch correction (weights 1 with --is-correction none)
+                        rows = slice(s, s + args.micro_batch_size)
+                        w_is, _ = rollout_correction(
+                            old_logps[rows], sampler_logps[rows], m, args.is_correction, args.is_cap
+                        )
+                        tok_loss = tok_loss * w_is
                     loss = (tok_loss * m).sum() / n_tok
                     loss.backward()
                     sums[0] += loss.detach()
@@ -457,7 +471,8 @@ def main(args: Args) -> None:
         lengths = dist.all_gather(out["completion_mask"].sum(1).float())
         trainer_logps = teacher_logps if cold else old_logps  # the training forward of the model that sampled
         metrics = {
-            **logprob_mismatch(out["sampler_logps"], trainer_logps, mask),
+            **logprob_mismatch(sampler_logps, trainer_logps, mask),
+            **correction_metrics(trainer_logps, sampler_logps, mask, args.is_correction, args.is_cap),
             "train/loss": sum(losses) / len(losses),
             "train/phase": 0.0 if cold else 1.0,
             "train/reverse_kl": reverse_kl,

@@ -41,7 +41,7 @@ from common.data import (
     load_prompts,
     tokenize_pair_side,
 )
-from common.generation import derive_seed, generate, logprob_mismatch
+from common.generation import correction_metrics, derive_seed, generate, logprob_mismatch, rollout_correction
 from common.logprobs import completion_logprobs
 from common.model import (
     last_token_scores,
@@ -135,6 +135,13 @@ class Args:
     top_p: float = 1.0
     """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
     differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
+    is_correction: Literal["none", "tis", "mis"] = "none"
+    """reweight each sampled token's loss by rho = pi_trainer / pi_sampler, the sampler/trainer mismatch: tis =
+    min(rho, --is-cap) per token (truncated IS), mis = the sequence's rho where it lies in [1/cap, cap], else the
+    sequence is dropped. none: here the sampler is the training forward itself (rollout/logprob_diff_max ~1e-6 in
+    fp32); see common.generation.rollout_correction"""
+    is_cap: float = 2.0
+    """C of --is-correction"""
     stop_token: str | None = None
     """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
     generation_batch_size: int | None = None
@@ -495,6 +502,9 @@ def main(args: Args) -> None:
             value_model.train()
         old_logps, ref_logps, old_values = (torch.cat(x) for x in (old_logps, ref_logps, old_values))  # (n, L)
         mask_d = mask.to(device).float()
+        sampler_logps = out["sampler_logps"].to(device)  # (n, L) what the sampler drew each token with
+        # the sampler/trainer mismatch correction of the policy loss (all 1 with --is-correction none)
+        is_weights, _ = rollout_correction(old_logps, sampler_logps, mask_d, args.is_correction, args.is_cap)
 
         # ALGO LOGIC: KL-penalized per-token rewards, GAE, whitened advantages
         rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores, kl_coef)
@@ -532,7 +542,7 @@ def main(args: Args) -> None:
                     values = token_values(value_model, *part)
                     pg, pg_clipped = ppo_policy_loss(logps, old_logps[mb], advantages[mb], args.cliprange)
                     vf, vf_clipped = ppo_value_loss(values, old_values[mb], returns[mb], args.cliprange_value)
-                    pg_loss, vf_loss = (pg * m).sum() / n_tok, (vf * m).sum() / n_tok
+                    pg_loss, vf_loss = (pg * is_weights[mb] * m).sum() / n_tok, (vf * m).sum() / n_tok
                     (pg_loss + args.vf_coef * vf_loss).backward()
                     with torch.no_grad():
                         sums += torch.stack(
@@ -575,7 +585,8 @@ def main(args: Args) -> None:
         explained = 1 - masked_moments(returns - old_values, mask_d)[1] / max(returns_var, 1e-8)
         lengths = dist.all_gather(mask.sum(1).float())
         metrics = {
-            **logprob_mismatch(out["sampler_logps"], old_logps, mask_d),
+            **logprob_mismatch(sampler_logps, old_logps, mask_d),
+            **correction_metrics(old_logps, sampler_logps, mask_d, args.is_correction, args.is_cap),
             "rollout/score_mean": raw_scores.mean().item(),
             "rollout/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "rollout/reward_mean": (all_scores + non_score_per_seq).mean().item(),

@@ -110,6 +110,53 @@ def logprob_mismatch(sampler_logps: torch.Tensor, trainer_logps: torch.Tensor, m
     }
 
 
+def rollout_correction(
+    trainer_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor, mode: str, cap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Importance weights for the sampler/trainer mismatch: the rollouts come from pi_sampler (another kernel, bf16,
+    a KV cache, vLLM) while the loss differentiates pi_trainer, so each sampled token's loss term is reweighted by
+    rho_t = pi_trainer(y_t) / pi_sampler(y_t) (no gradient through the weight).
+
+      none  w_t = 1
+      tis   w_t = min(rho_t, C)                                 truncated IS (Yao et al. 2025, "Your efficient RL
+                                                                framework secretly brings you off-policy RL training")
+      mis   rho(y) = prod_t rho_t over the sequence's tokens;   sequence-masked IS (Liu et al. 2025, "When speed kills
+            w_t = rho(y) if 1/C <= rho(y) <= C, else 0          stability"): a sequence the sampler drew far from the
+                                                                trainer's distribution is dropped, the rest reweighted
+
+    trainer_logps, sampler_logps, mask (B, L) -> weights (B, L) (1 where mask is 0) and `masked` (B, L) bool: the
+    tokens whose weight the cap changed (tis: rho_t > C; mis: every token of a dropped sequence). With identical
+    log-probs every weight is exactly 1. The sequence ratio stays in log space (a product of 4k ratios overflows)."""
+    m = mask.bool()
+    log_rho = torch.where(m, trainer_logps.detach().float() - sampler_logps.to(trainer_logps.device).float(), 0.0)
+    if mode == "none":
+        return torch.ones_like(log_rho), torch.zeros_like(m)
+    if mode == "tis":
+        masked = m & (log_rho > math.log(cap))
+        return torch.exp(log_rho).clamp(max=cap), masked
+    if mode == "mis":
+        seq_log_rho = log_rho.sum(1, keepdim=True)  # (B, 1)
+        keep = seq_log_rho.abs() <= math.log(cap)
+        weights = torch.where(keep, torch.exp(seq_log_rho.clamp(max=math.log(cap))), 0.0).expand_as(log_rho)
+        return torch.where(m, weights, 1.0), m & ~keep
+    raise ValueError(f"unknown importance-sampling correction {mode!r}")
+
+
+def correction_metrics(trainer_logps, sampler_logps, mask, mode: str, cap: float) -> dict:
+    """The step's rho_t = pi_trainer / pi_sampler over the sampled tokens of every process (mean, min, max) and the
+    fraction of those tokens whose weight the correction changed (`rollout_correction`'s `masked`)."""
+    _, masked = rollout_correction(trainer_logps, sampler_logps, mask, mode, cap)
+    m = mask.bool()
+    rho = torch.exp(trainer_logps.float() - sampler_logps.to(trainer_logps.device).float())
+    big = torch.finfo(torch.float32).max
+    return {
+        "rollout/is_ratio_mean": dist.masked_mean(torch.where(m, rho, 0.0), mask),
+        "rollout/is_ratio_min": dist.all_reduce(float(torch.where(m, rho, big).min()), "min"),
+        "rollout/is_ratio_max": dist.all_reduce(float(torch.where(m, rho, 0.0).max()), "max"),
+        "rollout/is_masked_frac": dist.masked_mean(masked.float(), mask),
+    }
+
+
 def derive_seed(seed: int, stream: str, step: int, round_: int = 0, call: int = 0) -> int:
     """The one place every per-step seed of a run comes from: `stream` names what is seeded ("sample": a generate
     call, "minibatch": a PPO/GRPO epoch's shuffle), `step` the optimizer step, `round_` GRPO's resampling round or

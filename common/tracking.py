@@ -118,6 +118,7 @@ def _check_flags(args) -> None:
         ("max_new_tokens", 0, "at least 1"),
         ("eval_max_new_tokens", 0, "at least 1"),
         ("max_length", 1, "at least 2 (a prompt token and a token to learn)"),
+        ("is_cap", 1.0, "greater than 1 (importance weights are capped at it, sequences kept within [1/cap, cap])"),
     ):
         value = getattr(args, name, None)
         if value is not None and value <= low:

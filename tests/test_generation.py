@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from common.generation import completion_mask, generate
@@ -141,3 +142,33 @@ def test_sampler_logprobs_are_the_sampled_distribution(random_model_dir):
     )[:, enc["input_ids"].shape[1] :]
     assert torch.equal(plain[mask[:, : plain.shape[1]]], out["completion_ids"][mask])
     assert "sampler_logps" not in generate(model, tok, prompts, greedy=True, max_new_tokens=4)
+
+
+def test_rollout_correction_by_hand():
+    """Importance weights rho = pi_trainer / pi_sampler per token, written out on hand-picked probabilities."""
+    from common.generation import correction_metrics, rollout_correction
+
+    trainer = torch.tensor([[0.5, 0.2, 0.9], [0.9, 0.9, 0.7], [0.3, 0.8, 0.1]]).log()
+    sampler = torch.tensor([[0.25, 0.4, 0.9], [0.3, 0.3, 0.7], [0.6, 1.0, 1.0]]).log()
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]])  # masked positions count for nothing
+    # rho: row 0 (2, 0.5, 1), product 1; row 1 (3, 3), product 9; row 2 (0.5), product 0.5
+    w, masked = rollout_correction(trainer, sampler, mask, "tis", 1.5)
+    torch.testing.assert_close(w, torch.tensor([[1.5, 0.5, 1.0], [1.5, 1.5, 1.0], [0.5, 1.0, 1.0]]))
+    assert masked.tolist() == [[True, False, False], [True, True, False], [False, False, False]]
+    w, masked = rollout_correction(trainer, sampler, mask, "mis", 2.5)  # keep sequences with product in [0.4, 2.5]
+    torch.testing.assert_close(w, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 1.0], [0.5, 1.0, 1.0]]))
+    assert masked.tolist() == [[False, False, False], [True, True, False], [False, False, False]]
+    w, _ = rollout_correction(trainer, sampler, mask, "mis", 1.9)  # 0.5 < 1/1.9: row 2 is dropped too
+    assert w[2, 0] == 0 and w[0].tolist() == pytest.approx([1.0, 1.0, 1.0])
+    assert torch.equal(rollout_correction(trainer, sampler, mask, "none", 2.0)[0], torch.ones(3, 3))
+    # identical sampler and trainer: every mode is exactly the identity
+    for mode in ("none", "tis", "mis"):
+        w, masked = rollout_correction(trainer, trainer.clone(), mask, mode, 2.0)
+        assert torch.equal(w, torch.ones(3, 3)) and not masked.any()
+    # a 4096-token sequence whose product overflows fp32 is dropped, not NaN
+    long_w, _ = rollout_correction(torch.zeros(1, 4096), torch.full((1, 4096), -0.1), torch.ones(1, 4096), "mis", 2.0)
+    assert torch.equal(long_w, torch.zeros(1, 4096))
+    stats = correction_metrics(trainer, sampler, mask, "tis", 1.5)
+    assert stats["rollout/is_ratio_mean"] == pytest.approx((2 + 0.5 + 1 + 3 + 3 + 0.5) / 6)
+    assert stats["rollout/is_ratio_min"] == pytest.approx(0.5) and stats["rollout/is_ratio_max"] == pytest.approx(3)
+    assert stats["rollout/is_masked_frac"] == pytest.approx(3 / 6)

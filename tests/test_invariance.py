@@ -272,8 +272,9 @@ def test_resume_takes_every_flag_from_the_saved_arguments(tmp_path):
 @pytest.mark.parametrize("script", ["grpo", "ppo", "opd"])
 def test_the_trainer_computes_the_log_probs_the_sampler_drew_with(script, tmp_path):
     """At --temperature 0.7 (fp32) the training forward's log-prob of every sampled token equals the sampler's
-    (`rollout/logprob_diff_max`, every step, opd's teacher-sampled cold start included); grpo at --top-p 0.5 shows
-    what the metric is for: the loss's log-probs are over the full vocabulary, the sampler's over the nucleus."""
+    (`rollout/logprob_diff_max`, every step, opd's teacher-sampled cold start included), so --is-correction tis
+    changes nothing; grpo at --top-p 0.5 shows what the metrics are for: the loss's log-probs are over the full
+    vocabulary, the sampler's over the nucleus."""
     base, _ = RUNS[script]
     flags = [*base, "--max-steps", "2", "--eval-every", "0", "--save-every", "0", "--output-dir", tmp_path]
     run_script(f"{script}.py", *flags, "--temperature", "0.7", "--run-name", "t07")
@@ -281,11 +282,20 @@ def test_the_trainer_computes_the_log_probs_the_sampler_drew_with(script, tmp_pa
     assert len(rows) == (3 if script == "opd" else 2)
     for r in rows:
         assert 0 <= r["rollout/logprob_diff_mean"] <= r["rollout/logprob_diff_max"] < 1e-4, r
-    if script == "grpo":
-        run_script("grpo.py", *flags, "--temperature", "0.7", "--top-p", "0.5", "--run-name", "nucleus")
-        assert all(
-            r["rollout/logprob_diff_mean"] > 1e-2 for r in read_metrics(tmp_path / "nucleus") if "train/loss" in r
-        )
+        assert abs(r["rollout/is_ratio_min"] - 1) < 1e-4 and abs(r["rollout/is_ratio_max"] - 1) < 1e-4, r
+    # --is-correction tis with the same forward on both sides: weights within 1e-4 of 1, the same run
+    run_script(f"{script}.py", *flags, "--temperature", "0.7", "--is-correction", "tis", "--run-name", "tis")
+    corrected = [r for r in read_metrics(tmp_path / "tis") if "train/loss" in r]
+    assert len(corrected) == len(rows)
+    for a, b in zip(rows, corrected):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-3, abs=1e-6)
+        assert b["rollout/is_masked_frac"] == 0
+    if script == "grpo":  # the nucleus: pi_sampler = pi / (mass of the nucleus) >= pi_trainer, so rho <= 1
+        spread = ["--reward-fn", "tests.cli_rewards:alternating"]  # top-p 0.5 samples alike: keep every update
+        run_script("grpo.py", *flags, *spread, "--temperature", "0.7", "--top-p", "0.5", "--run-name", "nucleus")
+        nucleus = [r for r in read_metrics(tmp_path / "nucleus") if "train/loss" in r]
+        assert nucleus and all(r["rollout/logprob_diff_mean"] > 1e-2 for r in nucleus)
+        assert all(r["rollout/is_ratio_max"] <= 1 + 1e-5 and r["rollout/is_ratio_min"] < 0.9 for r in nucleus)
 
 
 def test_derive_seed_never_repeats_within_a_run():
@@ -370,6 +380,7 @@ def bad_inputs(tmp_path_factory):
         ("dpo", ["--learning-rate", "-1e-5"], "--learning-rate must be a positive number"),
         ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         ("dpo", ["--max-length", "0"], "--max-length must be at least 2"),
+        ("grpo", ["--is-cap", "1"], "--is-cap must be greater than 1"),
         ("sft", ["--dataset", "{d}/latin1.jsonl"], "latin1.jsonl:2: not valid UTF-8 (byte b'\\xe9' at column 14)"),
         ("grpo", ["--reward-fn", "broken_syntax:reward"], "cannot import module 'broken_syntax': SyntaxError"),
         ("ppo", ["--reward-fn", "broken_name:reward"], "reward function 'broken_name:reward' raised NameError"),
