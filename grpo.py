@@ -25,6 +25,7 @@ groups (a group never straddles processes), with the loss normalized over all pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from common.model import (
 from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, open_run, peak_memory_gb
+from common.vllm_engine import require_vllm, rollout_engine
 
 
 @dataclass
@@ -123,13 +125,23 @@ class Args:
     top_p: float = 1.0
     """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
     differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
-    is_correction: Literal["none", "tis", "mis"] = "none"
+    is_correction: Literal["auto", "none", "tis", "mis"] = "auto"
     """reweight each sampled token's loss by rho = pi_trainer / pi_sampler, the sampler/trainer mismatch: tis =
     min(rho, --is-cap) per token (truncated IS), mis = the sequence's rho where it lies in [1/cap, cap], else the
-    sequence is dropped. none: here the sampler is the training forward itself (rollout/logprob_diff_max ~1e-6 in
-    fp32); see common.generation.rollout_correction"""
+    sequence is dropped; auto: tis with --vllm, none on the HF path, where the sampler is the training forward
+    itself (rollout/logprob_diff_max ~1e-6 in fp32); see common.generation.rollout_correction"""
     is_cap: float = 2.0
     """C of --is-correction"""
+    vllm: bool = False
+    """sample rollouts and the evaluation with a vLLM engine in this process (pip install -e ".[vllm]"), which
+    gets the policy's weights after every step's updates; the HF path (transformers.generate) is the default and
+    the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm on a GPU: the share of the device's memory the engine takes (weights + KV cache)"""
+    vllm_max_model_len: int | None = None
+    """--vllm: the engine's longest prompt + completion (default: the model's context)"""
+    vllm_sleep: bool = False
+    """--vllm on a GPU: free the engine's KV cache and weights while the policy trains, wake it for rollouts"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
     max_resample_rounds: int = 4
@@ -264,6 +276,8 @@ def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
     args, ckpt, run_dir = open_run(args, "grpo")  # a new run directory, or --resume's run and saved flags
+    if args.vllm:
+        require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")  # whole groups per process
     world = dist.world_size()
@@ -310,6 +324,10 @@ def main(args: Args) -> None:
     )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
+    # --vllm: the rollout engine, holding a copy of the policy's weights (pushed after every step's updates)
+    correction = args.is_correction if args.is_correction != "auto" else ("tis" if args.vllm else "none")
+    engine = rollout_engine(args, ckpt, policy, tokenizer)
+    sample = engine.generate if engine is not None else functools.partial(generate, policy)
     # Reference: on the accelerator when it is in the loss (beta > 0); otherwise in host memory for the KL probe,
     # in the compute dtype, streamed to the accelerator for each probe.
     ref = None
@@ -353,6 +371,7 @@ def main(args: Args) -> None:
             target_skill=args.target_skill,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+            engine=engine,
         )
 
     if start_step == 0:
@@ -369,8 +388,7 @@ def main(args: Args) -> None:
         for round_ in range(1 + (args.max_resample_rounds if args.dynamic_sampling else 0)):
             idx = train.indices(args.prompts_per_step, step, args.seed + 7919 * round_)[rank_prompts]
             batch = [prompts[i] for i in idx]
-            out = generate(
-                policy,
+            out = sample(
                 tokenizer,
                 [r["prompt"] for r in batch],
                 n=args.group_size,
@@ -404,6 +422,8 @@ def main(args: Args) -> None:
         del groups[int(dist.all_reduce(len(groups), "min")) :]
         n_groups_seen, n_zero_std, gen_tokens = dist.all_reduce([n_groups_seen, n_zero_std, gen_tokens])
         gen_s = time.time() - t0
+        if engine is not None:
+            engine.release()  # --vllm-sleep: the engine's memory is the trainer's until the next push
         if not groups:
             tracker.write(f"step {step + 1}: every sampled group had zero reward spread; no update")
             continue
@@ -475,7 +495,7 @@ def main(args: Args) -> None:
                         logps, old, advantages[mb].to(device), args.epsilon, args.epsilon_high, ref_mb, args.beta
                     )
                     w_is, _ = rollout_correction(  # the sampler/trainer mismatch (1 with --is-correction none)
-                        old, rollout["sampler_logps"][mb].to(device), mb_mask, args.is_correction, args.is_cap
+                        old, rollout["sampler_logps"][mb].to(device), mb_mask, correction, args.is_cap
                     )
                     tok_loss = tok_loss * w_is
                     loss = (tok_loss * w[m0 : m0 + args.micro_batch_size].to(device)).sum()
@@ -501,6 +521,8 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        if engine is not None:
+            engine.push(policy)  # the next rollout (and this step's evaluation) samples the updated policy
         train_tokens = dist.all_reduce(float(train_tokens))
         train_s = time.time() - t1
 
@@ -522,7 +544,7 @@ def main(args: Args) -> None:
         if dist.all_reduce(float(sampled.sum())) > 0:  # none when every update was skipped without old_logps
             metrics.update(logprob_mismatch(rollout["sampler_logps"], trainer_logps, sampled))
             metrics.update(
-                correction_metrics(trainer_logps, rollout["sampler_logps"], sampled, args.is_correction, args.is_cap)
+                correction_metrics(trainer_logps, rollout["sampler_logps"], sampled, correction, args.is_cap)
             )
 
         r = all_rewards

@@ -22,6 +22,7 @@ the loss normalized by all processes' completion tokens; `--shard-frozen` shards
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from common.model import (
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, open_run, peak_memory_gb
+from common.vllm_engine import require_vllm, rollout_engine
 
 
 @dataclass
@@ -117,13 +119,23 @@ class Args:
     loaded, for training and evaluation (default: the model's context length minus --max-new-tokens)"""
     temperature: float = 1.0
     """sampling temperature; both models' log-probs are taken at this temperature"""
-    is_correction: Literal["none", "tis", "mis"] = "none"
+    is_correction: Literal["auto", "none", "tis", "mis"] = "auto"
     """reweight each sampled token's loss by rho = pi_trainer / pi_sampler of the student, the sampler/trainer
     mismatch (not in the cold start, which imitates the teacher's samples): tis = min(rho, --is-cap) per token, mis
-    = the sequence's rho where it lies in [1/cap, cap], else the sequence is dropped; none: here the sampler is the
-    training forward itself; see common.generation.rollout_correction"""
+    = the sequence's rho where it lies in [1/cap, cap], else the sequence is dropped; auto: tis with --vllm, none
+    on the HF path (the sampler is the training forward itself); see common.generation.rollout_correction"""
     is_cap: float = 2.0
     """C of --is-correction"""
+    vllm: bool = False
+    """sample rollouts and the evaluation with a vLLM engine in this process (pip install -e ".[vllm]"), which
+    gets the policy's weights after every step's updates; the HF path (transformers.generate) is the default and
+    the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm on a GPU: the share of the device's memory the engine takes (weights + KV cache)"""
+    vllm_max_model_len: int | None = None
+    """--vllm: the engine's longest prompt + completion (default: the model's context)"""
+    vllm_sleep: bool = False
+    """--vllm on a GPU: free the engine's KV cache and weights while the policy trains, wake it for rollouts"""
     generation_batch_size: int | None = None
     """completions per generate call in each process (default: all of the process's completions of the step);
     call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
@@ -306,6 +318,8 @@ def main(args: Args) -> None:
     args, ckpt, run_dir = open_run(
         args, "opd", total_steps=lambda a: a.cold_start_steps + a.max_steps
     )  # a new run directory, or --resume's run and saved flags
+    if args.vllm:
+        require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
@@ -337,6 +351,10 @@ def main(args: Args) -> None:
     )
     student = dist.wrap(student, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(student.parameters()).device
+    # --vllm: the student's rollout engine, holding a copy of its weights (pushed after every step's updates); the
+    # cold start and the teacher's evaluation sample with transformers
+    correction = args.is_correction if args.is_correction != "auto" else ("tis" if args.vllm else "none")
+    engine = rollout_engine(args, ckpt, student, tokenizer)
     teacher = (
         load_model(args.teacher, dtype=args.teacher_dtype, device=device, attn_implementation=args.attn_implementation)
         .eval()
@@ -375,6 +393,7 @@ def main(args: Args) -> None:
             target_skill=args.target_skill,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+            engine=engine if model is student else None,
         )
 
     if start_step == 0:  # the starting point, and the teacher's accuracy as the ceiling
@@ -388,10 +407,11 @@ def main(args: Args) -> None:
         cold = step < args.cold_start_steps
         # ROLLOUT: the student samples (or, in the cold start, the teacher does); depends only on (seed, step)
         batch = [prompts[i] for i in train.indices(args.prompts_per_step, step, args.seed)[rank_prompts]]
-        sampler = teacher if cold else student
         student.eval()
-        out = generate(
-            sampler,
+        sample = (
+            functools.partial(generate, teacher if cold else student) if cold or engine is None else engine.generate
+        )
+        out = sample(
             tokenizer,
             [r["prompt"] for r in batch],
             n=args.group_size,
@@ -404,6 +424,8 @@ def main(args: Args) -> None:
         mask = out["completion_mask"].float().to(device)
         sampler_logps = out["sampler_logps"].to(device)  # (n, L) what the sampler drew each token with
         gen_s = time.time() - t0
+        if engine is not None:
+            engine.release()  # --vllm-sleep: the engine's memory is the trainer's until the next push
         with torch.no_grad():
             old_logps, teacher_logps, top1, top5 = [], [], [], []
             for s in range(0, n, args.micro_batch_size):
@@ -444,9 +466,7 @@ def main(args: Args) -> None:
                         sums[1] += (tok_loss.detach() * m).sum()
                     if not cold:  # the sampler/trainer mismatch correction (weights 1 with --is-correction none)
                         rows = slice(s, s + args.micro_batch_size)
-                        w_is, _ = rollout_correction(
-                            old_logps[rows], sampler_logps[rows], m, args.is_correction, args.is_cap
-                        )
+                        w_is, _ = rollout_correction(old_logps[rows], sampler_logps[rows], m, correction, args.is_cap)
                         tok_loss = tok_loss * w_is
                     loss = (tok_loss * m).sum() / n_tok
                     loss.backward()
@@ -465,6 +485,8 @@ def main(args: Args) -> None:
                 grad_norms.append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        if engine is not None:
+            engine.push(student)  # the next rollout (and this step's evaluation) samples the updated student
 
         # reverse KL per token: exact with --objective full, else the sampled estimate E[log pi_S - log pi_T]
         reverse_kl = kls[0] if full else dist.masked_mean(old_logps - teacher_logps, mask)
@@ -472,7 +494,7 @@ def main(args: Args) -> None:
         trainer_logps = teacher_logps if cold else old_logps  # the training forward of the model that sampled
         metrics = {
             **logprob_mismatch(sampler_logps, trainer_logps, mask),
-            **correction_metrics(trainer_logps, sampler_logps, mask, args.is_correction, args.is_cap),
+            **correction_metrics(trainer_logps, sampler_logps, mask, correction, args.is_cap),
             "train/loss": sum(losses) / len(losses),
             "train/phase": 0.0 if cold else 1.0,
             "train/reverse_kl": reverse_kl,

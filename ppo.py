@@ -23,6 +23,7 @@ prompts; token counts, advantage whitening and metrics are taken over all proces
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ from common.model import (
 from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
 from common.tracking import Tracker, open_run, peak_memory_gb
+from common.vllm_engine import require_vllm, rollout_engine
 
 
 @dataclass
@@ -135,13 +137,23 @@ class Args:
     top_p: float = 1.0
     """nucleus sampling; the training log-probs stay over every token (as in TRL and OpenRLHF), so < 1 makes them
     differ from the sampler's (rollout/logprob_diff_mean shows by how much)"""
-    is_correction: Literal["none", "tis", "mis"] = "none"
+    is_correction: Literal["auto", "none", "tis", "mis"] = "auto"
     """reweight each sampled token's loss by rho = pi_trainer / pi_sampler, the sampler/trainer mismatch: tis =
     min(rho, --is-cap) per token (truncated IS), mis = the sequence's rho where it lies in [1/cap, cap], else the
-    sequence is dropped. none: here the sampler is the training forward itself (rollout/logprob_diff_max ~1e-6 in
-    fp32); see common.generation.rollout_correction"""
+    sequence is dropped; auto: tis with --vllm, none on the HF path, where the sampler is the training forward
+    itself (rollout/logprob_diff_max ~1e-6 in fp32); see common.generation.rollout_correction"""
     is_cap: float = 2.0
     """C of --is-correction"""
+    vllm: bool = False
+    """sample rollouts and the evaluation with a vLLM engine in this process (pip install -e ".[vllm]"), which
+    gets the policy's weights after every step's updates; the HF path (transformers.generate) is the default and
+    the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm on a GPU: the share of the device's memory the engine takes (weights + KV cache)"""
+    vllm_max_model_len: int | None = None
+    """--vllm: the engine's longest prompt + completion (default: the model's context)"""
+    vllm_sleep: bool = False
+    """--vllm on a GPU: free the engine's KV cache and weights while the policy trains, wake it for rollouts"""
     stop_token: str | None = None
     """also end completions at this token (its text, e.g. a newline), as if it were EOS"""
     generation_batch_size: int | None = None
@@ -319,6 +331,8 @@ def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python ppo.py`)
     args, ckpt, run_dir = open_run(args, "ppo")  # a new run directory, or --resume's run and saved flags
+    if args.vllm:
+        require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")
     world = dist.world_size()
@@ -368,6 +382,10 @@ def main(args: Args) -> None:
     )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
+    # --vllm: the rollout engine, holding a copy of the policy's weights (pushed after every step's updates)
+    correction = args.is_correction if args.is_correction != "auto" else ("tis" if args.vllm else "none")
+    engine = rollout_engine(args, ckpt, policy, tokenizer)
+    sample = engine.generate if engine is not None else functools.partial(generate, policy)
     ref = (
         load_model(args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
         .eval()
@@ -432,6 +450,7 @@ def main(args: Args) -> None:
             target_skill=args.target_skill,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+            engine=engine,
         )
 
     if start_step == 0:  # every run shows its starting point
@@ -456,8 +475,7 @@ def main(args: Args) -> None:
         # ROLLOUT: prompts and samples depend only on (seed, step)
         policy.eval()
         batch = [prompts[i] for i in train.indices(args.prompts_per_step, step, args.seed)[rank_prompts]]
-        out = generate(
-            policy,
+        out = sample(
             tokenizer,
             [r["prompt"] for r in batch],
             n=args.group_size,
@@ -476,6 +494,8 @@ def main(args: Args) -> None:
                 completion_ids * mask + tokenizer.pad_token_id * (1 - mask), skip_special_tokens=True
             )
         gen_s = time.time() - t0
+        if engine is not None:
+            engine.release()  # --vllm-sleep: the engine's memory is the trainer's until the next push
         prompt_list = [r["prompt"] for r in batch for _ in range(args.group_size)]
 
         # SCORES: the reward model (or verifiable reward functions); an optional penalty for never ending
@@ -504,7 +524,7 @@ def main(args: Args) -> None:
         mask_d = mask.to(device).float()
         sampler_logps = out["sampler_logps"].to(device)  # (n, L) what the sampler drew each token with
         # the sampler/trainer mismatch correction of the policy loss (all 1 with --is-correction none)
-        is_weights, _ = rollout_correction(old_logps, sampler_logps, mask_d, args.is_correction, args.is_cap)
+        is_weights, _ = rollout_correction(old_logps, sampler_logps, mask_d, correction, args.is_cap)
 
         # ALGO LOGIC: KL-penalized per-token rewards, GAE, whitened advantages
         rewards, non_score = kl_penalized_rewards(old_logps, ref_logps, mask_d, scores, kl_coef)
@@ -573,6 +593,8 @@ def main(args: Args) -> None:
                 stats["grad_norm"].append(grad_norm)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
+        if engine is not None:
+            engine.push(policy)  # the next rollout (and this step's evaluation) samples the updated policy
         train_tokens = dist.all_reduce(float(train_tokens))
         train_s = time.time() - t1
 
@@ -586,7 +608,7 @@ def main(args: Args) -> None:
         lengths = dist.all_gather(mask.sum(1).float())
         metrics = {
             **logprob_mismatch(sampler_logps, old_logps, mask_d),
-            **correction_metrics(old_logps, sampler_logps, mask_d, args.is_correction, args.is_cap),
+            **correction_metrics(old_logps, sampler_logps, mask_d, correction, args.is_cap),
             "rollout/score_mean": raw_scores.mean().item(),
             "rollout/score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "rollout/reward_mean": (all_scores + non_score_per_seq).mean().item(),

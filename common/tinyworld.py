@@ -7,6 +7,7 @@ whitespace normalization). `evaluate` is the greedy-generation accuracy every sc
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 
@@ -98,13 +99,15 @@ def evaluate(
     target_skill: str = TARGET_SKILL,
     batch_size: int = 128,
     max_new_tokens: int = 16,
+    engine=None,
 ) -> dict[str, float]:
     """Greedy evaluation on {"prompt", "answer"[, "skill"]} records, scored by `reward_fn(prompts, completions,
     answers) -> list[float]` (a `--eval-reward-fn`, see `common.rewards`; default: the tiny world's exact match):
     `eval/accuracy` = the mean reward on the target skill (records with no skill count as target),
     `eval/general_accuracy` the mean over the other skills' records, and `eval/accuracy/<skill>` for each skill.
     `batch_size` rows per generate call. Under torchrun each rank answers every N-th record and the sums are
-    reduced over ranks (every rank returns the same numbers)."""
+    reduced over ranks (every rank returns the same numbers). `engine`: a `common.vllm_engine.VLLMEngine` holding
+    `model`'s weights, to generate with instead of transformers."""
     from common import dist
     from common.generation import generate
     from common.rewards import tiny_world_reward
@@ -116,8 +119,8 @@ def evaluate(
     if mine:
         was_training = model.training
         model.eval()
-        texts = generate(
-            model,
+        sample = engine.generate if engine is not None else functools.partial(generate, model)  # --vllm or HF
+        texts = sample(
             tokenizer,
             [r["prompt"] for r in mine],
             max_new_tokens=max_new_tokens,

@@ -15,6 +15,7 @@ flag checks, run directories, and seeds.
 """
 
 import dataclasses
+import importlib.util
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import torch
 from conftest import ROOT, read_metrics, run_script, stop_at
 from safetensors.torch import load_file
 
+VLLM = importlib.util.find_spec("vllm") is not None
 STEPS = 4  # every run below: 4 optimizer steps, a checkpoint at step 2
 RUNS = {  # script -> the short tiny-world run (divisible by 2 processes), and the two micro-batch sizes
     "sft": (["--batch-size", "8", "--learning-rate", "1e-3"], ("8", "2")),
@@ -381,6 +383,10 @@ def bad_inputs(tmp_path_factory):
         ("grpo", ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         ("dpo", ["--max-length", "0"], "--max-length must be at least 2"),
         ("grpo", ["--is-cap", "1"], "--is-cap must be greater than 1"),
+        *(
+            [("ppo", ["--vllm"], '--vllm: vLLM is not installed; install it with pip install -e ".[vllm]"')]
+            * (not VLLM)
+        ),
         ("sft", ["--dataset", "{d}/latin1.jsonl"], "latin1.jsonl:2: not valid UTF-8 (byte b'\\xe9' at column 14)"),
         ("grpo", ["--reward-fn", "broken_syntax:reward"], "cannot import module 'broken_syntax': SyntaxError"),
         ("ppo", ["--reward-fn", "broken_name:reward"], "reward function 'broken_name:reward' raised NameError"),
