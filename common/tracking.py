@@ -12,6 +12,7 @@ import atexit
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -140,7 +141,7 @@ def open_run(args, script: str, *, total_steps=None):
     if not args.resume:
         run_dir = _make_run_dir(args.output_dir, args.run_name, script, args.seed)
         if dist.is_main():
-            (run_dir / "args.json").write_text(json.dumps({"script": script, **asdict(args)}, indent=2) + "\n")
+            _write_args(run_dir, script, args)
         return args, None, run_dir
 
     from common.model import find_checkpoint
@@ -193,8 +194,17 @@ def open_run(args, script: str, *, total_steps=None):
     if dist.is_main():
         if changed:
             print("resume: " + ", ".join(changed))
-        (run_dir / "args.json").write_text(json.dumps({"script": script, **asdict(args)}, indent=2) + "\n")
+        _write_args(run_dir, script, args)  # atomic: the other processes may still be reading the old one
     return args, ckpt, run_dir
+
+
+def _write_args(run_dir: Path, script: str, args) -> None:
+    """args.json, replaced in one step: with a truncate-and-write, another torchrun process of a resume can read it
+    empty and stop on the JSON (the likely cause of one CI failure: rank 1 of a 2-process --resume exited with 1,
+    its message cut off, while rank 0 loaded the checkpoint; not reproduced in 2 reruns)."""
+    tmp = run_dir / "args.json.tmp"
+    tmp.write_text(json.dumps({"script": script, **asdict(args)}, indent=2) + "\n")
+    os.replace(tmp, run_dir / "args.json")
 
 
 class Tracker:
