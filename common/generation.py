@@ -44,21 +44,21 @@ def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> tuple[t
     return (~after_eos).long(), ~is_eos.any(-1)
 
 
-def sampling_config(
-    *, greedy: bool, temperature: float, top_p: float, max_new_tokens: int, eos_ids, pad_id, padding_rows=()
-):
+def sampling_config(*, greedy: bool, max_new_tokens: int, eos_ids, pad_id, padding_rows=()):
     """A fresh generation config holding only what the script sets. A checkpoint's own `generation_config.json`
     (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20; others: no_repeat_ngram_size, min_new_tokens...) would
     otherwise still apply, so rollouts would come from another distribution than the one the loss computes
     log-probs under (softmax(logits / temperature), top-p only), and greedy evaluation would be penalized too.
-    The processors that could still be switched on by a default are set to their no-op values explicitly.
+    The processors that could still be switched on by a default are set to their no-op values explicitly; temperature
+    and top-p stay at 1 here because `SamplerLogprobs`, the last processor, applies them (transformers would append
+    its own warpers after it, and the recorded log-probs would not be those of the sampled distribution).
     `padding_rows`: head rows past the tokenizer's ids (padded embeddings), never sampled; the training log-probs
     (`completion_logprobs(..., vocab=len(tokenizer))`) are over the same support."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not greedy,
-        temperature=1.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p,
+        temperature=1.0,
+        top_p=1.0,
         top_k=0,  # 0: no top-k (transformers' global default would be 50)
         repetition_penalty=1.0,
         no_repeat_ngram_size=0,
@@ -213,15 +213,11 @@ def generate(
     first_call = dist.rank() * math.ceil(len(texts) / batch_size)  # this process's calls, in the global numbering
     config = sampling_config(
         greedy=greedy,
-        temperature=temperature,
-        top_p=top_p,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
         pad_id=pad_id,
         padding_rows=range(len(tokenizer), model.get_output_embeddings().weight.shape[0]),  # (global shape if sharded)
     )
-    if not greedy:  # temperature and top-p are applied by the recorder, the last processor (see SamplerLogprobs)
-        config.temperature, config.top_p = 1.0, 1.0
     checkpoint_config, model.generation_config = model.generation_config, config  # its values would be merged in
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork, dist.unsharded(model), _restore(model, "generation_config", checkpoint_config):
