@@ -33,7 +33,14 @@ import tyro
 
 from common import die, dist
 from common.data import data_options, fit_rollout_prompts, load_prompts
-from common.generation import correction_metrics, generate, logprob_mismatch, rollout_correction
+from common.generation import (
+    correction_metrics,
+    generate,
+    generation_token_budget,
+    kv_bytes_per_token,
+    logprob_mismatch,
+    rollout_correction,
+)
 from common.logprobs import completion_logprobs, lm_head_params
 from common.model import (
     load_model,
@@ -45,7 +52,7 @@ from common.model import (
 )
 from common.rewards import eval_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, open_run, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb, update_args
 from common.vllm_engine import require_vllm, rollout_engine
 
 
@@ -140,6 +147,13 @@ class Args:
     """completions per generate call in each process (default: all of the process's completions of the step);
     call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
     count"""
+    generation_max_tokens: int | None = None
+    """tokens of KV cache per generate call in each process, counted as rows x (longest prompt + max new tokens):
+    a call of --generation-batch-size rows that does not fit is split into parts that do (part j of call k seeded
+    from (seed, step, k, j)); evaluation uses the same bound; 0: none. Default: on a GPU, half of the memory free
+    once the models are loaded, less the gradients and optimizer state still to come, over the model's KV bytes
+    per token, resolved at the start and saved in args.json (a resume batches the same way); on a CPU, none.
+    Not used with --vllm (the engine sizes its own KV cache)"""
     # objective
     objective: Literal["sampled", "full"] = "sampled"
     """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab"""
@@ -371,6 +385,9 @@ def main(args: Args) -> None:
     total_steps = args.cold_start_steps + args.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
     start_step = load_trainer_state(ckpt, optimizer, scheduler, student)["step"] if ckpt else 0
+    if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
+        budget = 0 if args.vllm else generation_token_budget(student, device, optimizer)
+        args = update_args(run_dir, "opd", args, generation_max_tokens=budget)
     tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
@@ -385,6 +402,9 @@ def main(args: Args) -> None:
     def evaluation(model) -> dict:
         if not eval_records:
             return {}
+        budget = args.generation_max_tokens
+        if budget and model is not student:  # the same bytes of KV cache, in the teacher's (larger) tokens
+            budget = max(1, budget * kv_bytes_per_token(student) // kv_bytes_per_token(model))
         return evaluate(
             model,
             tokenizer,
@@ -393,6 +413,7 @@ def main(args: Args) -> None:
             target_skill=args.target_skill,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+            max_tokens=budget,
             engine=engine if model is student else None,
         )
 
@@ -418,6 +439,7 @@ def main(args: Args) -> None:
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             batch_size=gen_batch,
+            max_tokens=args.generation_max_tokens,
             seed_key=(args.seed, step, 0),
         )
         seqs = [out["prompt_ids"], out["prompt_mask"], out["completion_ids"], out["completion_mask"]]
@@ -508,6 +530,7 @@ def main(args: Args) -> None:
             "rollout/completion_len": lengths.mean().item(),
             "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/step_s": time.time() - t0,
+            "perf/gen_share": gen_s / max(time.time() - t0, 1e-9),  # of the step: sampling and rewards
             "perf/peak_mem_gb": peak_memory_gb(device),
         }
         done = step + 1

@@ -42,7 +42,14 @@ from common.data import (
     load_prompts,
     tokenize_pair_side,
 )
-from common.generation import correction_metrics, derive_seed, generate, logprob_mismatch, rollout_correction
+from common.generation import (
+    correction_metrics,
+    derive_seed,
+    generate,
+    generation_token_budget,
+    logprob_mismatch,
+    rollout_correction,
+)
 from common.logprobs import completion_logprobs
 from common.model import (
     last_token_scores,
@@ -55,7 +62,7 @@ from common.model import (
 )
 from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
 from common.tinyworld import TARGET_SKILL, evaluate
-from common.tracking import Tracker, open_run, peak_memory_gb
+from common.tracking import Tracker, open_run, peak_memory_gb, update_args
 from common.vllm_engine import require_vllm, rollout_engine
 
 
@@ -160,6 +167,13 @@ class Args:
     """completions per generate call in each process (default: all of the process's completions of the step);
     call k of process r samples with the seed derived from (seed, step, its global index), the same for any process
     count"""
+    generation_max_tokens: int | None = None
+    """tokens of KV cache per generate call in each process, counted as rows x (longest prompt + max new tokens):
+    a call of --generation-batch-size rows that does not fit is split into parts that do (part j of call k seeded
+    from (seed, step, k, j)); evaluation uses the same bound; 0: none. Default: on a GPU, half of the memory free
+    once the models are loaded, less the gradients and optimizer state still to come, over the model's KV bytes
+    per token, resolved at the start and saved in args.json (a resume batches the same way); on a CPU, none.
+    Not used with --vllm (the engine sizes its own KV cache)"""
     missing_eos_penalty: float | None = None
     """subtract this from the score of completions that never end (no EOS or stop token within the budget)"""
     # PPO
@@ -427,6 +441,9 @@ def main(args: Args) -> None:
     trained = torch.nn.ModuleDict({"policy": policy, "value_model": value_model})  # what the optimizer updates
     resumed = load_trainer_state(ckpt, optimizer, scheduler, trained) if ckpt else {"step": 0, "extra": {}}
     start_step = resumed["step"]
+    if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
+        budget = 0 if args.vllm else generation_token_budget(policy, device, optimizer)
+        args = update_args(run_dir, "ppo", args, generation_max_tokens=budget)
     tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {n * world} completions/step"
@@ -450,6 +467,7 @@ def main(args: Args) -> None:
             target_skill=args.target_skill,
             batch_size=args.eval_batch_size,
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+            max_tokens=args.generation_max_tokens,
             engine=engine,
         )
 
@@ -483,6 +501,7 @@ def main(args: Args) -> None:
             temperature=args.temperature,
             top_p=args.top_p,
             batch_size=gen_batch,
+            max_tokens=args.generation_max_tokens,
             seed_key=(args.seed, step, 0),
         )
         prompt_ids, prompt_mask, completion_ids = out["prompt_ids"], out["prompt_mask"], out["completion_ids"]
@@ -626,6 +645,7 @@ def main(args: Args) -> None:
             "perf/gen_tokens_per_s": float(lengths.sum()) / max(gen_s, 1e-9),
             "perf/train_tokens_per_s": train_tokens / max(train_s, 1e-9),
             "perf/step_s": time.time() - t0,
+            "perf/gen_share": gen_s / max(time.time() - t0, 1e-9),  # of the step: sampling and rewards
             "perf/peak_mem_gb": peak_memory_gb(device),
         }
         if not use_rm:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 
 import torch
@@ -173,6 +174,98 @@ def derive_seed(seed: int, stream: str, step: int, round_: int = 0, call: int = 
     return offset ^ ((step << 28) | (round_ << 20) | call)
 
 
+def kv_bytes_per_token(model) -> int:
+    """Bytes of KV cache one token takes in `model`: 2 (K and V) x layers x KV heads x head dim x the parameters'
+    element size (an upper bound: sliding-window layers keep less, and a cache in a lower compute dtype too)."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+
+
+def generation_token_budget(model, device: torch.device, optimizer, fraction: float = 0.5) -> int:
+    """The default of --generation-max-tokens for sampling from `model`: on a GPU, `fraction` of the memory free
+    now, less what training will still allocate (gradients of what `optimizer` updates, and AdamW's two moments
+    while it holds no state yet, each the size of those parameters; under FSDP the full weights that generation
+    gathers beside the shards), divided by the KV bytes per token; the smallest over processes, so every process
+    batches alike. The other (1 - fraction) is left to the training phase's activations. Off a GPU: 0 (no bound),
+    host memory holds the cache."""
+    if device.type != "cuda":
+        return 0
+    free, _ = torch.cuda.mem_get_info(device)
+
+    def local_bytes(p):  # the process's shard of a DTensor, else the tensor
+        return (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+
+    trained = sum(local_bytes(p) for group in optimizer.param_groups for p in group["params"])
+    states = 1 + (0 if optimizer.state else 2)  # gradients (+ exp_avg, exp_avg_sq before the first step)
+    gathered = sum(p.numel() * p.element_size() - local_bytes(p) for p in model.parameters())  # 0 unsharded
+    tokens = int(fraction * max(0, free - states * trained - gathered) // kv_bytes_per_token(model))
+    return max(1, int(dist.all_reduce(tokens, "min")))
+
+
+def token_parts(attention_mask: torch.Tensor, max_new_tokens: int, max_tokens: int) -> list[slice]:
+    """Split a left-padded batch (b, P) of prompts, in order, into consecutive row ranges whose KV cache,
+    rows x (their longest prompt + max_new_tokens) tokens, fits `max_tokens` (0: no bound, one part). A row that
+    alone exceeds the bound is a part of its own."""
+    n_rows = attention_mask.shape[0]
+    if max_tokens <= 0:
+        return [slice(0, n_rows)]
+    lengths = attention_mask.sum(-1).tolist()  # (host tensor: no device sync)
+    parts, start, longest = [], 0, 0
+    for i, length in enumerate(lengths):
+        longest_with = max(longest, length)
+        if i > start and (i - start + 1) * (longest_with + max_new_tokens) > max_tokens:
+            parts.append(slice(start, i))
+            start, longest_with = i, length
+        longest = longest_with
+    parts.append(slice(start, n_rows))
+    return parts
+
+
+def trim_left_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in every row: a part of a left-padded batch then equals that part
+    tokenized alone."""
+    width = int(attention_mask.sum(-1).max())
+    return input_ids[:, -width:], attention_mask[:, -width:]
+
+
+def cache_kwarg(model) -> str | None:
+    """The name under which `model`'s forward (and `generate`) take a KV cache: `cache` (transformers >= 5.20),
+    `past_key_values` (before); None when the forward cannot return only the last position's logits
+    (`logits_to_keep`), which `shared_prefill` needs not to build (U, P, V) logits."""
+    params = inspect.signature(model.forward).parameters
+    if "logits_to_keep" not in params:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_sizes: list[int], kwarg: str):
+    """The KV cache of each group's prompt but its last token, computed once per group and copied to the group's
+    rows. input_ids, attention_mask: (b, P) left-padded, rows of a group consecutive and equal; group_sizes sum to b.
+    Returns a transformers Cache holding P - 1 positions for each of the b rows (positions from the mask, as
+    `generate` computes them), which `model.generate(input_ids, attention_mask, <kwarg>=cache)` continues from.
+    The forward goes through the root module (FSDP's hooks need it) with one position of logits kept."""
+    from transformers import DynamicCache
+
+    sizes = torch.tensor(group_sizes, device=input_ids.device)
+    first = sizes.cumsum(0) - sizes  # (U,) the first row of each group
+    ids, mask = input_ids[first, :-1], attention_mask[first, :-1]  # (U, P-1)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    position_ids = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+        **{kwarg: cache},
+    )
+    cache.reorder_cache(torch.repeat_interleave(torch.arange(len(group_sizes), device=input_ids.device), sizes))
+    return cache
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -185,15 +278,27 @@ def generate(
     top_p: float = 1.0,
     greedy: bool = False,
     batch_size: int = 64,
+    max_tokens: int = 0,
+    share_prefill: bool = True,
     seed: int | None = None,
     seed_key: tuple[int, int, int] | None = None,
 ) -> dict:
-    """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), `batch_size` rows
-    per `model.generate` call; the global RNG is left as it was. `seed` seeds the whole call once; `seed_key`
-    (run seed, step, round) seeds each `model.generate` call with `derive_seed(*seed_key, call=its global index)`:
-    call k of process r (every process sampling an equal share) is call r * calls_per_process + k, so a batch's
-    samples depend only on its rows and its index, and N processes reproduce a one-process run that uses the same
-    `batch_size`.
+    """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), at most
+    `batch_size` rows per `model.generate` call, and (`max_tokens` > 0) at most `max_tokens` tokens of KV cache per
+    call, counted as rows x (the call's longest prompt + max_new_tokens): a batch of `batch_size` rows that does
+    not fit is split, in order, into parts that do (a single row always runs). The global RNG is left as it was.
+    `seed` seeds the whole call once; `seed_key` (run seed, step, round) seeds each `model.generate` call with
+    `derive_seed(*seed_key, call=...)`: batch k of process r (every process sampling an equal share) is batch
+    r * batches_per_process + k, and its part j gets `call = batch | j << 14` (part 0: the batch's own seed), so a
+    call's samples depend only on its rows and its index, and N processes reproduce a one-process run that uses the
+    same `batch_size` and `max_tokens`.
+
+    `share_prefill`: the rows of one prompt in a call (a group) share one prefill. The prompt, but its last token,
+    goes through the model once per prompt and its KV cache is copied to the group's rows
+    (`Cache.reorder_cache`, the cache API beam search uses, so sliding-window and hybrid caches are handled by
+    transformers); `model.generate` then starts from that cache and feeds each row's last prompt token itself.
+    The sampled tokens and their log-probs are those of the unshared path (same inputs, same RNG draws; the
+    prefill's floating-point rounding may differ in the last bits), at 1/n of the prefill's compute.
 
     A sharded (FSDP) model is gathered once for the whole call (`common.dist.unsharded`): the ranks then generate
     independently, each as long as its own sequences need.
@@ -219,26 +324,42 @@ def generate(
         padding_rows=range(len(tokenizer), model.get_output_embeddings().weight.shape[0]),  # (global shape if sharded)
     )
     checkpoint_config, model.generation_config = model.generation_config, config  # its values would be merged in
+    share_kwarg = cache_kwarg(model) if share_prefill and not model.config.is_encoder_decoder else None
     fork = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     with fork, dist.unsharded(model), _restore(model, "generation_config", checkpoint_config):
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
-            if seed_key is not None:
-                run_seed, step, round_ = seed_key
-                torch.manual_seed(derive_seed(run_seed, "sample", step, round_, first_call + s // batch_size))
             enc = tokenizer(
                 texts[s : s + batch_size],
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=not has_chat_template(tokenizer),
-            ).to(device)
-            recorder = None if greedy else SamplerLogprobs(temperature, top_p)
-            hooks = {} if greedy else {"logits_processor": [recorder], "stopping_criteria": [recorder]}
-            out = model.generate(**enc, generation_config=config, synced_gpus=False, **hooks)  # synced: see above
-            sampled = out[:, enc["input_ids"].shape[1] :]
-            logps = recorder.logprobs() if recorder is not None else torch.zeros(sampled.shape, device=sampled.device)
-            rows.append((enc["input_ids"], enc["attention_mask"], sampled, logps))
+            )
+            prompt_index = (s + torch.arange(enc["input_ids"].shape[0])) // n  # (b,) which prompt each row is
+            for part, part_rows in enumerate(token_parts(enc["attention_mask"], max_new_tokens, max_tokens)):
+                if seed_key is not None:
+                    run_seed, step, round_ = seed_key
+                    call = first_call + s // batch_size
+                    if call >= 2**14 or part >= 2**6:
+                        raise ValueError(
+                            f"generate: batch {call} part {part} is past the seed layout's 2**14 batches x 2**6 "
+                            "parts: raise --generation-batch-size or --generation-max-tokens"
+                        )
+                    torch.manual_seed(derive_seed(run_seed, "sample", step, round_, call | part << 14))
+                ids, mask = trim_left_padding(enc["input_ids"][part_rows], enc["attention_mask"][part_rows])
+                ids, mask = ids.to(device), mask.to(device)
+                groups = torch.unique_consecutive(prompt_index[part_rows], return_counts=True)[1].tolist()
+                recorder = None if greedy else SamplerLogprobs(temperature, top_p)
+                hooks = {} if greedy else {"logits_processor": [recorder], "stopping_criteria": [recorder]}
+                if share_kwarg and len(groups) < len(ids) and ids.shape[1] > 1:
+                    hooks[share_kwarg] = shared_prefill(model, ids, mask, groups, share_kwarg)
+                out = model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=config, synced_gpus=False, **hooks
+                )  # synced_gpus: see above
+                sampled = out[:, ids.shape[1] :]
+                logps = recorder.logprobs() if recorder is not None else torch.zeros(sampled.shape, device=device)
+                rows.append((ids, mask, sampled, logps))
     P = max(r[0].shape[1] for r in rows)
     L = max(r[2].shape[1] for r in rows)
 

@@ -99,14 +99,16 @@ def evaluate(
     target_skill: str = TARGET_SKILL,
     batch_size: int = 128,
     max_new_tokens: int = 16,
+    max_tokens: int = 0,
     engine=None,
 ) -> dict[str, float]:
     """Greedy evaluation on {"prompt", "answer"[, "skill"]} records, scored by `reward_fn(prompts, completions,
     answers) -> list[float]` (a `--eval-reward-fn`, see `common.rewards`; default: the tiny world's exact match):
     `eval/accuracy` = the mean reward on the target skill (records with no skill count as target),
     `eval/general_accuracy` the mean over the other skills' records, and `eval/accuracy/<skill>` for each skill.
-    `batch_size` rows per generate call. Under torchrun each rank answers every N-th record and the sums are
-    reduced over ranks (every rank returns the same numbers). `engine`: a `common.vllm_engine.VLLMEngine` holding
+    `batch_size` rows per generate call, and `max_tokens` > 0 bounds its KV cache (`common.generation.generate`).
+    Under torchrun each rank answers every N-th record and the sums are reduced over ranks (every rank returns the
+    same numbers). `engine`: a `common.vllm_engine.VLLMEngine` holding
     `model`'s weights, to generate with instead of transformers."""
     from common import dist
     from common.generation import generate
@@ -126,6 +128,7 @@ def evaluate(
             max_new_tokens=max_new_tokens,
             greedy=True,
             batch_size=batch_size,
+            max_tokens=max_tokens,
         )["texts"]
         model.train(was_training)
         rewards = [float(x) for x in reward_fn([r["prompt"] for r in mine], texts, [r["answer"] for r in mine])]

@@ -120,6 +120,7 @@ def _check_flags(args) -> None:
         ("eval_max_new_tokens", 0, "at least 1"),
         ("max_length", 1, "at least 2 (a prompt token and a token to learn)"),
         ("is_cap", 1.0, "greater than 1 (importance weights are capped at it, sequences kept within [1/cap, cap])"),
+        ("generation_max_tokens", -1, "0 (no bound) or a number of tokens"),
     ):
         value = getattr(args, name, None)
         if value is not None and value <= low:
@@ -196,6 +197,15 @@ def open_run(args, script: str, *, total_steps=None):
             print("resume: " + ", ".join(changed))
         _write_args(run_dir, script, args)  # atomic: the other processes may still be reading the old one
     return args, ckpt, run_dir
+
+
+def update_args(run_dir: Path, script: str, args, **values):
+    """`args` with `values` (a default resolved once the model is loaded, e.g. --generation-max-tokens), saved to
+    args.json so that a resumed run uses the same value instead of resolving it again."""
+    args = dataclasses.replace(args, **values)
+    if dist.is_main():
+        _write_args(Path(run_dir), script, args)
+    return args
 
 
 def _write_args(run_dir: Path, script: str, args) -> None:

@@ -143,6 +143,7 @@ class VLLMEngine:
         top_p: float = 1.0,
         greedy: bool = False,
         batch_size: int | None = None,  # the engine schedules its own batches
+        max_tokens: int = 0,  # and sizes its own KV cache
         seed: int | None = None,
         seed_key: tuple[int, int, int] | None = None,
     ) -> dict:

@@ -172,3 +172,141 @@ def test_rollout_correction_by_hand():
     assert stats["rollout/is_ratio_mean"] == pytest.approx((2 + 0.5 + 1 + 3 + 3 + 0.5) / 6)
     assert stats["rollout/is_ratio_min"] == pytest.approx(0.5) and stats["rollout/is_ratio_max"] == pytest.approx(3)
     assert stats["rollout/is_masked_frac"] == pytest.approx(3 / 6)
+
+
+def test_token_parts_by_hand():
+    from common.generation import token_parts
+
+    lengths = [3, 5, 2, 4]  # left-padded to 5
+    mask = torch.tensor([[0] * (5 - n) + [1] * n for n in lengths])
+    # max_new 2, budget 14: rows 0-1 cost 2 x (5 + 2) = 14; adding row 2 costs 3 x 7 = 21 > 14; rows 2-3: 2 x 6 = 12
+    assert token_parts(mask, 2, 14) == [slice(0, 2), slice(2, 4)]
+    assert token_parts(mask, 2, 0) == [slice(0, 4)]  # no bound: one call
+    assert token_parts(mask, 2, 10**6) == [slice(0, 4)]
+    assert token_parts(mask, 2, 1) == [slice(i, i + 1) for i in range(4)]  # a row above the bound runs alone
+    assert token_parts(mask, 2, 13) == [slice(0, 1), slice(1, 2), slice(2, 4)]  # 2 x 7 = 14 > 13
+
+
+def test_kv_bytes_per_token_by_hand(qwen3_dir):
+    from common.generation import kv_bytes_per_token
+
+    model = load_model(str(qwen3_dir), dtype="float32", device="cpu")
+    # 2 (K, V) x 2 layers x 2 KV heads x head_dim 16 x 4 bytes
+    assert kv_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4 == 512
+    assert kv_bytes_per_token(model.to(torch.bfloat16)) == 256
+
+
+def test_generation_token_budget_from_free_memory(qwen3_dir, monkeypatch):
+    """On a GPU: half of (free - gradients - AdamW moments not yet allocated) over KV bytes per token; on a CPU, none."""
+    from common.generation import generation_token_budget
+
+    model = load_model(str(qwen3_dir), dtype="float32", device="cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    assert generation_token_budget(model, torch.device("cpu"), optimizer) == 0
+    params = sum(p.numel() for p in model.parameters()) * 4  # fp32 bytes of what AdamW updates
+    free = 10 * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 2 * free))
+    expected = int(0.5 * (free - 3 * params) // 512)  # gradients + exp_avg + exp_avg_sq, 512 B/token
+    assert generation_token_budget(model, torch.device("cuda"), optimizer) == expected
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()  # the moments exist now: only the gradients are still to come
+    assert generation_token_budget(model, torch.device("cuda"), optimizer) == int(0.5 * (free - params) // 512)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (params, 2 * params))
+    assert generation_token_budget(model, torch.device("cuda"), optimizer) == 1  # nothing left: one row at a time
+
+
+def _gemma3_like(tokenizer_dir, path):
+    """A tiny Gemma-3 text model (sliding-window and global layers): its cache mixes two layer kinds."""
+    import shutil
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_shared_prefill_samples_and_logprobs_unchanged(arch, random_model_dir, qwen3_dir, tmp_path):
+    """A group's prompt prefilled once and its cache copied to the group gives the same samples and sampler
+    log-probs as prefilling every row, including a group split between two calls (batch_size 5, n 4) and a
+    sliding-window cache (Gemma-3, prompts longer than the window)."""
+    path = {"llama": random_model_dir, "qwen3": qwen3_dir}.get(arch) or _gemma3_like(random_model_dir, tmp_path / "g")
+    model = load_model(str(path), dtype="float32", device="cpu").eval()
+    tok = load_tokenizer(str(path))
+    prompts = ["What is 1+2?", "Reverse: abcdef", "Uppercase: hello there"]
+    kw = {"n": 4, "max_new_tokens": 8, "temperature": 0.7, "top_p": 0.9, "batch_size": 5, "seed_key": (1, 3, 0)}
+    embedded = []  # tokens through the embedding per forward
+    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.append(i[0].numel()))
+    shared = generate(model, tok, prompts, share_prefill=True, **kw)
+    shared_tokens, embedded[:] = sum(embedded), []
+    plain = generate(model, tok, prompts, share_prefill=False, **kw)
+    plain_tokens = sum(embedded)
+    hook.remove()
+    assert torch.equal(shared["completion_ids"], plain["completion_ids"])
+    assert torch.equal(shared["completion_mask"], plain["completion_mask"])
+    assert torch.equal(shared["prompt_ids"], plain["prompt_ids"])
+    torch.testing.assert_close(shared["sampler_logps"], plain["sampler_logps"], atol=1e-5, rtol=0)
+    # the prefill ran once per (call, prompt): rows 0-4 | 5-9 | 10-11 hold prompts 0,0,0,0,1 | 1,1,1,2,2 | 2,2, so
+    # a call of B rows and U prompts of width P embeds U x (P - 1) + B tokens where the plain path embeds B x P
+    # (the decoding steps are the same: the same samples)
+    from common.data import has_chat_template, render_prompt
+
+    lengths = [
+        len(tok(render_prompt(tok, p), add_special_tokens=not has_chat_template(tok))["input_ids"]) for p in prompts
+    ]
+    saved = 0
+    for rows in (range(5), range(5, 10), range(10, 12)):
+        width = max(lengths[r // 4] for r in rows)
+        saved += (len(rows) - len({r // 4 for r in rows})) * (width - 1)
+    assert plain_tokens - shared_tokens == saved > 0
+
+
+def test_token_budget_bounds_every_call_and_keeps_greedy_and_unsplit_sampling(random_model_dir, monkeypatch):
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu").eval()
+    tok = load_tokenizer(str(random_model_dir))
+    prompts = ["What is 1+2?", "Reverse: abcdef", "Uppercase: hello there", "Which is larger, 3 or 9?"]
+    calls = []
+    real_generate = model.generate
+
+    def recording_generate(input_ids, **kw):
+        calls.append(tuple(input_ids.shape))
+        return real_generate(input_ids=input_ids, **kw)
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    kw = {"n": 2, "max_new_tokens": 6, "temperature": 1.0, "batch_size": 8, "seed_key": (0, 1, 0)}
+    free = generate(model, tok, prompts, **kw)
+    assert calls == [(8, calls[0][1])]
+    P = calls[0][1]
+    calls.clear()
+    roomy = generate(model, tok, prompts, max_tokens=8 * (P + 6), **kw)  # fits: one call, the same samples
+    assert len(calls) == 1 and torch.equal(roomy["completion_ids"], free["completion_ids"])
+    calls.clear()
+    budget = 3 * (P + 6)
+    tight = generate(model, tok, prompts, max_tokens=budget, **kw)
+    assert len(calls) >= 3 and sum(rows for rows, _ in calls) == 8
+    assert all(rows * (width + 6) <= budget for rows, width in calls)  # every call within the bound
+    assert tight["completion_ids"].shape[0] == 8 and torch.isfinite(tight["sampler_logps"]).all()
+    again = generate(model, tok, prompts, max_tokens=budget, **kw)
+    assert torch.equal(again["completion_ids"], tight["completion_ids"])  # seeded per part: reproducible
+    greedy_free = generate(model, tok, prompts, greedy=True, max_new_tokens=6)
+    greedy_tight = generate(model, tok, prompts, greedy=True, max_new_tokens=6, max_tokens=P + 6)
+    assert greedy_free["texts"] == greedy_tight["texts"]

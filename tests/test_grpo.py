@@ -223,6 +223,7 @@ def test_cli_end_to_end_and_micro_batch_invariance(tmp_path):
         "train/grad_norm",
         "perf/gen_tokens_per_s",
         "perf/train_tokens_per_s",
+        "perf/gen_share",
     ):
         assert key in a[-1], key
     assert [r["rollout/reward_mean"] for r in a[1:]] == [r["rollout/reward_mean"] for r in b[1:]]  # same rollouts

@@ -314,10 +314,12 @@ def test_derive_seed_never_repeats_within_a_run():
         derive_seed(1, "sample", 0, 0, 2**20)
 
 
+@pytest.mark.parametrize("budget", ["0", "1"])
 @pytest.mark.parametrize("script", ["grpo", "ppo", "opd"])
-def test_no_two_generate_calls_of_a_run_share_a_seed(script, tmp_path, monkeypatch):
-    """A run in this process with several generate calls per step (and grpo's resampling rounds): every call's
-    seed is recorded, and none repeats."""
+def test_no_two_generate_calls_of_a_run_share_a_seed(script, budget, tmp_path, monkeypatch):
+    """A run in this process with several generate calls per step (and grpo's resampling rounds; with
+    --generation-max-tokens 1 every call split into one part per row): every call's seed is recorded, and none
+    repeats."""
     import importlib
 
     from common import generation
@@ -332,11 +334,12 @@ def test_no_two_generate_calls_of_a_run_share_a_seed(script, tmp_path, monkeypat
     derive = generation.derive_seed
     monkeypatch.setattr(generation, "derive_seed", recording)
     argv = [*RUNS[script][0], *steps_flags(script), "--generation-batch-size", "2", "--eval-prompts", ""]
+    argv += ["--generation-max-tokens", budget]
     argv += ["--output-dir", str(tmp_path)] + (["--dynamic-sampling"] if script == "grpo" else [])
     import tyro
 
     module.main(tyro.cli(module.Args, args=argv))
-    calls_per_step = 4  # 8 completions, 2 a call
+    calls_per_step = 4 if budget == "0" else 8  # 8 completions, 2 a call (1 a part)
     assert len(seeds) >= STEPS * calls_per_step
     assert len(set(seeds)) == len(seeds)
 
