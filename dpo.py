@@ -182,8 +182,8 @@ def dpo_loss(
 def sequence_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sums (or means, `average`) of the response tokens' log-probs for a (2b, T) pair batch.
     Returns (sequence logps (2b,), per-token logps (2b, T-1), loss mask (2b, T-1))."""
-    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"])  # (2b, T-1)
-    mask = batch["labels"][:, 1:] != IGNORE_INDEX
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (2b, T-1): the response tokens, the only rows the head runs on
+    logps = token_logprobs(model, batch["input_ids"], batch["attention_mask"], target_mask=mask)  # (2b, T-1)
     seq = (logps * mask).sum(-1)
     return (seq / mask.sum(-1) if average else seq), logps, mask
 

@@ -41,7 +41,7 @@ from common.generation import (
     logprob_mismatch,
     rollout_correction,
 )
-from common.logprobs import completion_logprobs, lm_head_params
+from common.logprobs import chunked_logprobs_and_rank, completion_logprobs, lm_head_params, logits_fp32
 from common.model import (
     load_model,
     load_tokenizer,
@@ -233,12 +233,13 @@ class ChunkedReverseKL(torch.autograd.Function):
             logp_s, logp_t = _chunk_logprobs(
                 h, s_weight, s_bias, t_hidden[r0 : r0 + ctx.rows], t_weight, t_bias, ctx.temperature
             )
-            g = logp_s.exp() * (logp_s - logp_t - kl[r0 : r0 + ctx.rows, None])  # dKL/dz (rows, V)
+            g = logp_s.exp() * (logp_s - logp_t - kl[r0 : r0 + ctx.rows, None])  # dKL/dz (rows, V) fp32
             g = g * grad_kl[r0 : r0 + ctx.rows, None].to(dtype) / ctx.temperature
-            grad_hidden[r0 : r0 + ctx.rows] = (g @ s_weight.to(dtype)).to(s_hidden.dtype)
-            grad_weight += g.t() @ h.to(dtype)
             if grad_bias is not None:
                 grad_bias += g.sum(0)
+            g = g.to(s_weight.dtype)  # the matmuls in the head's dtype: no fp32 copy of the (V, H) head per chunk
+            grad_hidden[r0 : r0 + ctx.rows] = (g @ s_weight).to(s_hidden.dtype)
+            grad_weight += g.t() @ h.to(s_weight.dtype)  # accumulated in fp32 (one buffer for all chunks)
         grad_bias = None if grad_bias is None else grad_bias.to(s_bias.dtype)
         return grad_hidden, grad_weight.to(s_weight.dtype), grad_bias, None, None, None, None, None
 
@@ -248,9 +249,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_logprobs(s_h, s_w, s_b, t_h, t_w, t_b, temperature):
+    """(rows, V) fp32 log-softmaxes of the student and the teacher (each head in its own dtype, the logits never
+    rounded to bf16)."""
     dtype = _compute_dtype(s_h)
-    z_s = (s_h @ s_w.t()).to(dtype) + (0 if s_b is None else s_b.to(dtype))
-    z_t = (t_h.to(t_w.dtype) @ t_w.t()).to(dtype) + (0 if t_b is None else t_b.to(dtype))  # teacher: own dtype
+    z_s = logits_fp32(s_h, s_w).to(dtype) + (0 if s_b is None else s_b.to(dtype))
+    z_t = logits_fp32(t_h.to(t_w.dtype), t_w).to(dtype) + (0 if t_b is None else t_b.to(dtype))
     return torch.log_softmax(z_s / temperature, -1), torch.log_softmax(z_t / temperature, -1)
 
 
@@ -294,16 +297,24 @@ def teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, comple
 
 
 def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, vocab):
-    hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, L, H)
     weight, bias, softcap, multiplier = lm_head_params(teacher)
     weight, bias = weight[:vocab], None if bias is None else bias[:vocab]  # the tokenizer's ids only
-    z = (hidden @ weight.t()).float() + (0 if bias is None else bias.float())
-    if softcap is not None:
-        z = torch.tanh(z / softcap) * softcap
-    logp = torch.log_softmax(z * multiplier / temperature, -1)  # (B, L, V): one micro-batch
-    chosen = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
-    rank = (logp > chosen[..., None]).sum(-1)  # tokens the teacher ranks strictly above the sampled one
-    return chosen, rank < 1, rank < 5
+    rows = completion_mask.reshape(-1).nonzero().squeeze(-1)  # (N,) the completion tokens: the head runs on these
+    chosen, rank = chunked_logprobs_and_rank(  # rank: tokens the teacher ranks strictly above the sampled one
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
+        weight,
+        completion_ids.reshape(-1).index_select(0, rows),
+        bias=bias,
+        temperature=temperature / multiplier,
+        softcap=softcap,
+    )  # (N,) each, tile by tile: no (B, L, V) tensor
+
+    def dense(x, fill):  # (N,) -> (B, L), `fill` past each completion's end
+        return x.new_full((completion_mask.numel(),), fill).index_copy(0, rows, x).view(completion_mask.shape)
+
+    rank = dense(rank, vocab)  # past the end: in no top-k
+    return dense(chosen, 0.0), rank < 1, rank < 5
 
 
 def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):

@@ -33,6 +33,7 @@ from common.data import (
     load_prompts,
     load_sft_dataset,
     micro_batches,
+    packed_micro_batches,
     prompt_budget,
 )
 from common.logprobs import token_logprobs
@@ -107,6 +108,10 @@ class Args:
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     max_length: int = 256
     """examples are truncated to this many tokens (counted and reported)"""
+    packing: bool = False
+    """pack each step's examples into rows of --max-length tokens (best-fit decreasing; --micro-batch-size then counts
+    rows): no compute on padding, the same loss and gradient (attention stays within each example; the loss is
+    still the step's token mean)"""
     # optimization
     max_steps: int = 800
     """optimizer steps"""
@@ -159,7 +164,8 @@ def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
     with dist.unsharded(model):  # no communication per forward: the shares may differ by an example
         for mb in micro_batches(examples, mine, micro_batch_size, pad_id) if mine else []:
             mb = {k: v.to(device) for k, v in mb.items()}
-            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+            loss_tokens = mb["labels"][:, 1:] != IGNORE_INDEX  # (b, T-1): the only rows the LM head runs on
+            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"], target_mask=loss_tokens)
             n = count_loss_tokens([mb])
             nll += sft_loss(logps, mb["labels"], n)[1].item()
             tokens += n
@@ -223,7 +229,8 @@ def main(args: Args) -> None:
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
     tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
+        f"run: {run_dir}  |  {len(train_examples)} train examples, "
+        f"{'up to ' if args.packing else ''}{grad_accum_steps} micro-batches/step"
         + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
         + ", "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters on {device}"
@@ -261,18 +268,26 @@ def main(args: Args) -> None:
         # ALGO LOGIC: the step's examples depend only on (seed, batch_size, step); each process takes its slice.
         # The loss is normalized by the loss tokens of the whole step (summed over processes before backward, and
         # the processes' gradients are summed), so the gradient equals the full-batch gradient.
-        batches = micro_batches(
-            train_examples,
-            train.indices(args.batch_size, step, args.seed)[rank_rows],
-            args.micro_batch_size,
-            tokenizer.pad_token_id,
-        )
+        step_examples = train.indices(args.batch_size, step, args.seed)[rank_rows]
+        if args.packing:  # rows of --max-length tokens, examples back to back
+            batches = packed_micro_batches(
+                train_examples, step_examples, args.micro_batch_size, args.max_length, tokenizer.pad_token_id
+            )
+        else:
+            batches = micro_batches(train_examples, step_examples, args.micro_batch_size, tokenizer.pad_token_id)
         num_loss_tokens = int(dist.all_reduce(count_loss_tokens(batches)))
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one host sync per step
         num_tokens = sum(int(mb["attention_mask"].sum()) for mb in batches)  # counted on the host, before the copy
         for mb in batches:
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
+            loss_tokens = mb["labels"][:, 1:] != IGNORE_INDEX  # (b, T-1): the only rows the LM head runs on
+            logps = token_logprobs(
+                model,
+                mb["input_ids"],
+                mb["attention_mask"],
+                target_mask=loss_tokens,
+                position_ids=mb.get("position_ids"),
+            )  # (b, T-1)
             loss, nll = sft_loss(logps, mb["labels"], num_loss_tokens)
             loss.backward()
             nll_sum += nll

@@ -17,6 +17,7 @@ Errors name the source, the line or row and the field, and stop the run before a
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -1134,6 +1135,58 @@ def micro_batches(examples: list[dict], indices: list[int], micro_batch_size: in
     """The step's examples, longest first, cut into collated micro-batches."""
     chosen = sorted((examples[i] for i in indices), key=lambda e: -len(e["input_ids"]))
     return [collate(chosen[s : s + micro_batch_size], pad_token_id) for s in range(0, len(chosen), micro_batch_size)]
+
+
+def pack_best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: items longest first, each into the open bin with the least room that still
+    holds it (a new bin when none does). lengths (each <= capacity) -> bins of item indices, in order of creation."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins, room = [], []  # room: sorted (remaining capacity, bin index)
+    for i in order:
+        k = bisect.bisect_left(room, (lengths[i], -1))  # the first bin with remaining >= the item
+        if k < len(room):
+            remaining, b = room.pop(k)
+        else:
+            remaining, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        bisect.insort(room, (remaining - lengths[i], b))
+    return bins
+
+
+def packed_micro_batches(
+    examples: list[dict], indices: list[int], micro_batch_size: int, max_length: int, pad_token_id: int
+) -> list[dict]:
+    """--packing: the step's examples packed into rows of at most `max_length` tokens (`pack_best_fit`),
+    `micro_batch_size` rows a micro-batch. A row holds its examples back to back, then padding; `position_ids`
+    restart at 0 at each example (and at the padding), which makes transformers attend within each example only
+    (flash-attention's variable-length kernel on a GPU, a block-diagonal causal mask otherwise: exact either way),
+    and each example's first label is IGNORE_INDEX (nothing predicts an example's first token, as in an unpacked
+    row), so the loss tokens and their log-probs are those of the unpacked examples."""
+    chosen = [examples[i] for i in indices]
+    rows = []
+    for b in pack_best_fit([len(e["input_ids"]) for e in chosen], max_length):
+        ids = [np.asarray(chosen[j]["input_ids"], dtype=np.int64) for j in b]
+        labels = [np.asarray(chosen[j]["labels"], dtype=np.int64).copy() for j in b]
+        for lab in labels:
+            lab[0] = IGNORE_INDEX
+        rows.append((np.concatenate(ids), np.concatenate(labels), np.concatenate([np.arange(len(x)) for x in ids])))
+    out = []
+    for s in range(0, len(rows), micro_batch_size):
+        chunk = rows[s : s + micro_batch_size]
+        width = max(len(r[0]) for r in chunk)
+        input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        position_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, (ids, lab, pos) in enumerate(chunk):
+            n = len(ids)
+            input_ids[i, :n], labels[i, :n], position_ids[i, :n] = map(torch.from_numpy, (ids, lab, pos))
+            attention_mask[i, :n] = 1
+            position_ids[i, n:] = torch.arange(width - n)  # the padding: a sequence of its own
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out.append({**batch, "position_ids": position_ids})
+    return out
 
 
 def pair_micro_batches(pairs: list[dict], indices: list[int], micro_batch_size: int, pad_token_id: int) -> list[dict]:

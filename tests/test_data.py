@@ -136,3 +136,83 @@ def test_bad_data_names_file_line_and_field(chat_tokenizer, tmp_path, content, p
 def test_missing_file(tmp_path):
     with pytest.raises(SystemExit, match=r"nope\.jsonl: no such file"):
         read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_pack_best_fit_by_hand():
+    from common.data import pack_best_fit
+
+    # longest first: 5 -> new bin A (room 2); 4 -> new bin B (3); 3 -> B, the least room that fits (0); 3 -> new C
+    # (4); 2 -> A (0); 1 -> C (3)
+    assert pack_best_fit([5, 4, 3, 3, 2, 1], 7) == [[0, 4], [1, 2], [3, 5]]
+    assert pack_best_fit([7, 7], 7) == [[0], [1]]
+    bins = pack_best_fit(list(range(1, 40)), 50)
+    assert sorted(i for b in bins for i in b) == list(range(39))
+    assert all(sum(range(1, 40)[i] for i in b) <= 50 for b in bins) and len(bins) == 16  # 780 tokens: 16 bins
+
+
+def _sft_examples(n=7, seed=0):
+    import random
+
+    from common.data import IGNORE_INDEX
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(3, 20)
+        ids = [rng.randint(3, 60) for _ in range(length)]
+        prompt = rng.randint(1, length - 1)
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+def test_packed_rows_give_the_unpacked_loss_gradient_and_no_cross_attention(random_model_dir):
+    """The same examples packed into rows (position ids restarting, no attention across examples) and unpacked:
+    the same loss-token count, summed NLL and gradient of every parameter; perturbing one example's tokens leaves
+    every other example's log-probs in the packed row unchanged."""
+    import torch
+
+    from common.data import IGNORE_INDEX, count_loss_tokens, micro_batches, packed_micro_batches
+    from common.logprobs import token_logprobs
+    from common.model import load_model
+
+    model = load_model(str(random_model_dir), dtype="float32", device="cpu")
+    examples = _sft_examples()
+
+    def nll_and_grads(batches):
+        model.zero_grad()
+        total = 0.0
+        for mb in batches:
+            mask = mb["labels"][:, 1:] != IGNORE_INDEX
+            logps = token_logprobs(
+                model, mb["input_ids"], mb["attention_mask"], target_mask=mask, position_ids=mb.get("position_ids")
+            )
+            nll = -(logps * mask).sum()
+            nll.backward()
+            total += nll.item()
+        return total, [p.grad.clone() for p in model.parameters()]
+
+    unpacked = micro_batches(examples, list(range(7)), 2, 0)
+    packed = packed_micro_batches(examples, list(range(7)), 2, 40, 0)
+    assert len(packed) < len(unpacked) and all(mb["input_ids"].shape[1] <= 40 for mb in packed)
+    assert count_loss_tokens(packed) == count_loss_tokens(unpacked)
+    nll_a, grads_a = nll_and_grads(unpacked)
+    nll_b, grads_b = nll_and_grads(packed)
+    assert nll_b == pytest.approx(nll_a, rel=1e-5)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    # no attention across examples: change the tokens of one example of a row, the others' log-probs stay
+    mb, r = next(  # a row holding at least two examples
+        (mb, r)
+        for mb in packed
+        for r in range(mb["input_ids"].shape[0])
+        if ((mb["position_ids"][r, 1:] == 0) & (mb["attention_mask"][r, 1:] == 1)).any()
+    )
+    second = int(((mb["position_ids"][r, 1:] == 0) & (mb["attention_mask"][r, 1:] == 1)).nonzero()[0]) + 1
+    changed = mb["input_ids"].clone()
+    changed[r, :second] = (changed[r, :second] + 7) % 60 + 3  # the row's first example
+    with torch.no_grad():
+        before = token_logprobs(model, mb["input_ids"], mb["attention_mask"], position_ids=mb["position_ids"])[r]
+        after = token_logprobs(model, changed, mb["attention_mask"], position_ids=mb["position_ids"])[r]
+    # positions from `second` on predict the later examples' tokens (and padding) from within those examples
+    torch.testing.assert_close(after[second:], before[second:], rtol=0, atol=1e-6)
+    assert (after[: second - 1] - before[: second - 1]).abs().max() > 1e-3  # the edit mattered

@@ -7,6 +7,7 @@ import transformers
 
 from common.logprobs import (
     chunked_logprobs,
+    completion_logprobs,
     entropy_from_logits,
     selective_log_softmax,
     token_logprobs,
@@ -248,3 +249,104 @@ def test_load_time_head_check_names_an_architecture_whose_logits_we_do_not_repro
     model.config.logit_scale = 3.0
     with pytest.raises(SystemExit, match=r"tiny \(LlamaForCausalLM\): the fused log-prob head differs"):
         check_fused_head(model, "tiny")
+
+
+def test_bf16_logits_are_not_rounded_to_bf16():
+    """bf16 hidden states and head: the log-probs equal the fp64 computation from the same bf16 values within
+    fp32 noise; rounding the logits to bf16 first (what `h @ W.T` in bf16 returns) is off by ~1e-2 nats."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(64, 64, generator=g) * 2).bfloat16()
+    weight = (torch.randn(4096, 64, generator=g) * 0.5).bfloat16()  # logits of a few units: bf16 keeps ~2 digits
+    targets = torch.randint(0, 4096, (64,), generator=g)
+    exact = torch.log_softmax(hidden.double() @ weight.double().t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    rounded = torch.log_softmax((hidden @ weight.t()).float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    ours = chunked_logprobs(hidden, weight, targets, chunk_size=16, vocab_chunk_size=1000)
+    assert (rounded.double() - exact).abs().mean() > 3e-3  # the error the fix removes is visible at this scale
+    assert (ours.double() - exact).abs().max() < 1e-4
+
+
+def test_fp32_logits_stay_on_the_inputs_device():
+    from common.logprobs import logits_fp32
+
+    for dtype in (torch.bfloat16, torch.float32):
+        z = logits_fp32(torch.empty(3, 8, device="meta", dtype=dtype), torch.empty(5, 8, device="meta", dtype=dtype))
+        assert z.device.type == "meta" and z.dtype == torch.float32 and z.shape == (3, 5)
+
+
+def test_target_mask_runs_the_head_on_those_rows_only(monkeypatch):
+    """token_logprobs(..., target_mask=m): the log-probs (and entropies) at m equal the full computation, 0
+    elsewhere, the gradient of every parameter is the same, and the head sees m.sum() rows."""
+    import common.logprobs as lp
+
+    model = MODELS["llama-tied"]()
+    input_ids = torch.randint(0, 64, (3, 10))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    target_mask = torch.zeros(3, 9, dtype=torch.bool)
+    target_mask[0, 4:] = True
+    target_mask[1, 6:8] = True  # row 2: nothing asked
+    rows_seen = []
+    real = lp.chunked_logprobs
+    monkeypatch.setattr(
+        lp, "chunked_logprobs", lambda h, *a, **k: rows_seen.append(h.numel() // h.shape[-1]) or real(h, *a, **k)
+    )
+    full, full_entropy = token_logprobs(model, input_ids, attention_mask, return_entropy=True)
+    got, entropy = token_logprobs(model, input_ids, attention_mask, return_entropy=True, target_mask=target_mask)
+    assert rows_seen == [27, 7]
+    torch.testing.assert_close(got[target_mask], full[target_mask], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(entropy[target_mask], full_entropy[target_mask], rtol=1e-6, atol=1e-6)
+    assert (got[~target_mask] == 0).all() and (entropy[~target_mask] == 0).all()
+    weights = torch.randn(3, 9)
+    want = torch.autograd.grad(
+        (token_logprobs(model, input_ids, attention_mask) * weights * target_mask).sum(), list(model.parameters())
+    )
+    have = torch.autograd.grad(
+        (token_logprobs(model, input_ids, attention_mask, target_mask=target_mask) * weights).sum(),
+        list(model.parameters()),
+    )
+    for (name, _), a, b in zip(model.named_parameters(), have, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_completion_logprobs_runs_the_head_on_completion_tokens_only(monkeypatch):
+    import common.logprobs as lp
+
+    model = MODELS["llama-tied"]()
+    prompt_ids = torch.randint(0, 64, (2, 6))
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[0, :2] = 0
+    completion_ids = torch.randint(0, 64, (2, 4))
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    rows_seen = []
+    real = lp.chunked_logprobs
+    monkeypatch.setattr(
+        lp, "chunked_logprobs", lambda h, *a, **k: rows_seen.append(h.numel() // h.shape[-1]) or real(h, *a, **k)
+    )
+    got = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7)
+    assert rows_seen == [6] and got.shape == (2, 4)
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    want = _naive_token_logprobs(model, ids, mask, 0.7)[:, 5:]
+    torch.testing.assert_close(got[completion_mask.bool()], want[completion_mask.bool()], rtol=1e-5, atol=1e-5)
+    assert (got[completion_mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("use_bias,softcap,temperature", [(False, None, 1.0), (True, None, 0.7), (False, 3.0, 1.3)])
+def test_chunked_logprobs_and_rank_match_the_full_softmax(use_bias, softcap, temperature):
+    from common.logprobs import chunked_logprobs_and_rank
+
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(2, 19, 16, generator=g), torch.randn(300, 16, generator=g)
+    bias = torch.randn(300, generator=g) if use_bias else None
+    targets = torch.randint(0, 300, (2, 19), generator=g)
+    targets[0, :3] = (hidden[0, :3] @ weight.T + (0 if bias is None else bias)).argmax(-1)  # some rank-0 targets
+    logits = hidden @ weight.T + (0 if bias is None else bias)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits / temperature, -1)
+    chosen = logp.gather(-1, targets[..., None])[..., 0]
+    want_rank = (logp > chosen[..., None]).sum(-1)
+    got, rank = chunked_logprobs_and_rank(
+        hidden, weight, targets, bias=bias, softcap=softcap, temperature=temperature, chunk_size=7, vocab_chunk_size=64
+    )
+    torch.testing.assert_close(got, chosen, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rank, want_rank) and (rank[0, :3] == 0).all() and rank.max() > 5

@@ -87,6 +87,42 @@ def test_chunked_reverse_kl_matches_naive_values_and_gradients(with_bias):
         assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
 
 
+def test_teacher_token_stats_match_the_full_logits(qwen3_dir):
+    """The teacher's log-prob of each sampled token and its top-1/top-5 membership, computed tile by tile on the
+    completion tokens only, equal the full (B, L, V) softmax over the tokenizer's ids (the head has padding rows)."""
+    from common.model import load_model
+    from opd import teacher_token_stats
+
+    teacher = load_model(str(qwen3_dir), dtype="float32", device="cpu").eval()
+    vocab = len(load_tokenizer(str(qwen3_dir)))
+    assert teacher.get_output_embeddings().weight.shape[0] > vocab
+    g = torch.Generator().manual_seed(0)
+    prompt_ids, completion_ids = (
+        torch.randint(0, vocab, (3, 5), generator=g),
+        torch.randint(0, vocab, (3, 6), generator=g),
+    )
+    prompt_mask = torch.ones_like(prompt_ids)
+    prompt_mask[1, :2] = 0
+    completion_mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0], [1] * 6])
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+
+    def teacher_logp():  # (B, L, vocab) the full softmax at the positions predicting the completion tokens
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        with torch.no_grad():
+            out = teacher(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+        return torch.log_softmax(out.logits[:, 4:-1, :vocab].float() / 0.7, -1)
+
+    completion_ids[:, 0] = teacher_logp()[:, 0].argmax(-1)  # first tokens the teacher's argmax: top-1 not all False
+    logp = teacher_logp()
+    chosen = logp.gather(-1, completion_ids[..., None])[..., 0]
+    rank = (logp > chosen[..., None]).sum(-1)
+    got, top1, top5 = teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask, 0.7, vocab)
+    m = completion_mask.bool()
+    torch.testing.assert_close(got[m], chosen[m], rtol=1e-5, atol=1e-5)
+    assert torch.equal(top1[m], (rank < 1)[m]) and torch.equal(top5[m], (rank < 5)[m]) and top1[m].any()
+    assert not top1[~m].any() and (got[~m] == 0).all()
+
+
 def test_kl_and_loss_are_zero_when_student_is_teacher():
     g = torch.Generator().manual_seed(2)
     h, w = torch.randn(5, 8, generator=g).requires_grad_(), torch.randn(11, 8, generator=g)
