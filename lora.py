@@ -43,10 +43,12 @@ from common.data import (
     load_prompts,
     load_sft_dataset,
     micro_batches,
+    packed_micro_batches,
     prompt_budget,
 )
 from common.logprobs import token_logprobs
 from common.model import (
+    default_device,
     load_model,
     load_tokenizer,
     load_trainer_state,
@@ -134,6 +136,10 @@ class Args:
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     max_length: int = 256
     """examples are truncated to this many tokens (counted and reported)"""
+    packing: bool = False
+    """pack each step's examples into rows of --max-length tokens (best-fit decreasing; --micro-batch-size then counts
+    rows): no compute on padding, the same loss and gradient (attention stays within each example; the loss is
+    still the step's token mean)"""
     # optimization
     max_steps: int = 400
     """optimizer steps"""
@@ -205,7 +211,8 @@ def quantize_blockwise(weight: torch.Tensor, kind: str, block_size: int = BLOCK_
     normed = blocks / absmax[:, None]  # in [-1, 1]
     if kind == "nf4":
         codebook = NF4_CODEBOOK.to(flat.device)
-        codes = (normed[..., None] - codebook).abs().argmin(-1).to(torch.uint8).flatten()  # nearest code, 0..15
+        midpoints = (codebook[1:] + codebook[:-1]) / 2  # (15,) the nearest code changes at these
+        codes = torch.bucketize(normed.flatten(), midpoints, out_int32=True).to(torch.uint8)  # nearest code, 0..15
         packed = (codes[0::2] << 4) | codes[1::2]  # two codes a byte (block size is even)
     elif kind == "int8":
         packed = torch.round(normed * 127).to(torch.int8).flatten()
@@ -215,12 +222,19 @@ def quantize_blockwise(weight: torch.Tensor, kind: str, block_size: int = BLOCK_
 
 
 def dequantize_blockwise(
-    codes: torch.Tensor, absmax: torch.Tensor, kind: str, shape, dtype=torch.float32, block_size: int = BLOCK_SIZE
+    codes: torch.Tensor,
+    absmax: torch.Tensor,
+    kind: str,
+    shape,
+    dtype=torch.float32,
+    block_size: int = BLOCK_SIZE,
+    codebook: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Inverse of `quantize_blockwise` up to the rounding: codebook value (or q / 127) times the block's absmax."""
+    """Inverse of `quantize_blockwise` up to the rounding: codebook value (or q / 127) times the block's absmax.
+    `codebook`: NF4's on the codes' device (a layer's buffer), else copied there."""
     if kind == "nf4":
         idx = torch.stack([codes >> 4, codes & 0xF], dim=-1).flatten().long()
-        normed = NF4_CODEBOOK.to(codes.device)[idx]
+        normed = (NF4_CODEBOOK.to(codes.device) if codebook is None else codebook)[idx]
     else:
         normed = codes.float() / 127
     values = (normed.view(-1, block_size) * absmax[:, None]).flatten()
@@ -228,22 +242,48 @@ def dequantize_blockwise(
 
 
 class QuantizedLinear(nn.Module):
-    """A frozen linear layer whose weight is stored quantized (buffers, not parameters) and dequantized per forward."""
+    """A frozen linear layer whose weight is stored quantized (buffers, not parameters) and dequantized per forward;
+    quantized on `device` (the layer's weight moves there alone, so a model is quantized on the way to the
+    accelerator without the whole bf16 model ever being on it)."""
 
-    def __init__(self, linear: nn.Linear, kind: str):
+    def __init__(self, linear: nn.Linear, kind: str, device: torch.device | None = None):
         super().__init__()
         self.in_features, self.out_features, self.kind = linear.in_features, linear.out_features, kind
         self.weight_shape, self.compute_dtype = tuple(linear.weight.shape), linear.weight.dtype
-        q = quantize_blockwise(linear.weight, kind)
+        device = device or linear.weight.device
+        q = quantize_blockwise(linear.weight.detach().to(device), kind)
         self.register_buffer("codes", q["codes"])
         self.register_buffer("absmax", q["absmax"])
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        codebook = NF4_CODEBOOK.to(device) if kind == "nf4" else None  # on the device once, not copied per forward
+        self.register_buffer("codebook", codebook, persistent=False)
+        bias = None if linear.bias is None else linear.bias.detach().to(device)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def dequantized_weight(self, dtype=None) -> torch.Tensor:
-        return dequantize_blockwise(self.codes, self.absmax, self.kind, self.weight_shape, dtype or self.compute_dtype)
+        return dequantize_blockwise(
+            self.codes, self.absmax, self.kind, self.weight_shape, dtype or self.compute_dtype, codebook=self.codebook
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return DequantizedLinear.apply(x, self, bias)
+
+
+class DequantizedLinear(torch.autograd.Function):
+    """x @ dequant(W).T + b for a frozen quantized W that backward dequantizes again instead of keeping: autograd
+    through F.linear would save the dequantized weight (the full compute-dtype matrix, 3.5x its NF4 storage) for
+    every layer until backward. Nothing is saved (the codes are the layer's buffers); the input is not needed,
+    since W gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_out @ ctx.layer.dequantized_weight(grad_out.dtype)  # (..., out) @ (out, in)
+        return grad_x, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,8 +291,8 @@ class QuantizedLinear(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base(x) + s * B A dropout(x). The base (nn.Linear or QuantizedLinear) is frozen; A and B are fp32 parameters
-    (the update is computed in fp32 and cast to the base's output dtype)."""
+    """base(x) + s * B A dropout(x). The base (nn.Linear or QuantizedLinear) is frozen; A and B are fp32 parameters,
+    used in the input's (compute) dtype."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool):
         super().__init__()
@@ -271,7 +311,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        update = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A.T) @ self.lora_B.T  # (..., out)
+        # in the input's dtype: A and B (small) are cast, not x, so backward keeps x itself and no fp32 copy of it
+        update = (self.dropout(x) @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T  # (..., out)
         return out + (self.scaling * update).to(out.dtype)
 
 
@@ -292,8 +333,12 @@ def target_names(model: nn.Module, target_modules: str) -> list[str]:
     return names
 
 
-def add_lora(model: nn.Module, names: list[str], args: Args) -> dict[str, LoRALinear]:
-    """Freeze the model, quantize the targeted layers if asked, and wrap each in a LoRALinear (in place)."""
+def add_lora(
+    model: nn.Module, names: list[str], args: Args, device: torch.device | None = None
+) -> dict[str, LoRALinear]:
+    """Freeze the model, quantize the targeted layers if asked, and wrap each in a LoRALinear (in place). A model
+    still in host memory is quantized layer by layer onto `device`, then the rest of it moved there: the device
+    never holds more than one layer's unquantized weight."""
     model.requires_grad_(False)
     wrapped = {}
     for name in names:
@@ -301,9 +346,11 @@ def add_lora(model: nn.Module, names: list[str], args: Args) -> dict[str, LoRALi
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
         if args.quantize != "none":
-            base = QuantizedLinear(base, args.quantize)
+            base = QuantizedLinear(base, args.quantize, device)
         wrapped[name] = LoRALinear(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.use_rslora)
-        setattr(parent, child, wrapped[name])
+        setattr(parent, child, wrapped[name])  # the unquantized layer (host memory) is freed here
+    if device is not None:
+        model.to(device)
     return wrapped
 
 
@@ -435,13 +482,15 @@ def main(args: Args) -> None:
     )
     eval_budget = prompt_budget(None, args.model, args.eval_max_new_tokens)  # the context minus the answer's room
     eval_records = fit_prompts(eval_records, tokenizer, eval_budget, "--eval-prompts", flag="--eval-max-new-tokens")
-    model = load_model(
+    device = default_device()
+    model = load_model(  # with --quantize, in host memory: quantized layer by layer onto the device (add_lora)
         args.model,
         dtype=args.dtype,
+        device=device,
+        on_host=args.quantize != "none",
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
     )
-    device = next(model.parameters()).device
 
     # ALGO LOGIC: freeze the base, (quantize,) wrap the targeted linears
     names = target_names(model, args.target_modules)
@@ -449,7 +498,7 @@ def main(args: Args) -> None:
     base_bytes = tensor_bytes(base_weights)
     base_norms = {n: w.float().norm().item() for n, w in zip(names, base_weights)}
     del base_weights
-    wrapped = add_lora(model, names, args)
+    wrapped = add_lora(model, names, args, device)
     if ckpt:
         load_adapter(ckpt, wrapped)
     if args.gradient_checkpointing:
@@ -476,7 +525,8 @@ def main(args: Args) -> None:
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
     tracker = Tracker(run_dir, args, script="lora", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
-        f"run: {run_dir}  |  {len(train_examples)} train examples, {grad_accum_steps} micro-batches/step"
+        f"run: {run_dir}  |  {len(train_examples)} train examples, "
+        f"{'up to ' if args.packing else ''}{grad_accum_steps} micro-batches/step"
         + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
         + "  |  "
         f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} linear layers: {num_trainable:,} trainable of "
@@ -506,7 +556,8 @@ def main(args: Args) -> None:
                 ):
                     mb = {k: v.to(device) for k, v in mb.items()}
                     n = count_loss_tokens([mb])
-                    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])
+                    loss_tokens = mb["labels"][:, 1:] != IGNORE_INDEX  # (b, T-1): the only rows the LM head runs on
+                    logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"], target_mask=loss_tokens)
                     nll += sft_loss(logps, mb["labels"], n)[1].item()
                     tokens += n
             nll, tokens = dist.all_reduce([nll, tokens])
@@ -535,18 +586,26 @@ def main(args: Args) -> None:
         t0 = time.time()
         # ALGO LOGIC: exactly sft.py's step (each process its slice, the normalizer over all); only the adapters
         # receive gradients
-        batches = micro_batches(
-            train_examples,
-            train.indices(args.batch_size, step, args.seed)[rank_rows],
-            args.micro_batch_size,
-            tokenizer.pad_token_id,
-        )
+        step_examples = train.indices(args.batch_size, step, args.seed)[rank_rows]
+        if args.packing:  # rows of --max-length tokens, examples back to back
+            batches = packed_micro_batches(
+                train_examples, step_examples, args.micro_batch_size, args.max_length, tokenizer.pad_token_id
+            )
+        else:
+            batches = micro_batches(train_examples, step_examples, args.micro_batch_size, tokenizer.pad_token_id)
         num_loss_tokens = int(dist.all_reduce(count_loss_tokens(batches)))
         nll_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: one host sync per step
         num_tokens = sum(int(mb["attention_mask"].sum()) for mb in batches)  # counted on the host, before the copy
         for mb in batches:
             mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-            logps = token_logprobs(model, mb["input_ids"], mb["attention_mask"])  # (b, T-1)
+            loss_tokens = mb["labels"][:, 1:] != IGNORE_INDEX  # (b, T-1): the only rows the LM head runs on
+            logps = token_logprobs(
+                model,
+                mb["input_ids"],
+                mb["attention_mask"],
+                target_mask=loss_tokens,
+                position_ids=mb.get("position_ids"),
+            )  # (b, T-1)
             loss, nll = sft_loss(logps, mb["labels"], num_loss_tokens)
             loss.backward()
             nll_sum += nll

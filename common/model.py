@@ -152,11 +152,14 @@ def load_model(
     gradient_checkpointing: bool = False,
     model_class=AutoModelForCausalLM,
     attn_implementation: str | None = None,
+    on_host: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
     """A causal LM (any `AutoModelForCausalLM` architecture) from a hub id or a local directory, on `device`, in
     the compute dtype of `dtype` (see `resolve_dtype`), dropout off. A trained model gets its fp32 master weights
-    from `common.dist.wrap`; `save_model` writes it back in the checkpoint's own dtype (`disk_dtype`)."""
+    from `common.dist.wrap`; `save_model` writes it back in the checkpoint's own dtype (`disk_dtype`).
+    `on_host`: leave it in host memory, in `device`'s compute dtype, for the caller to move (lora.py quantizes
+    layer by layer on the way to the accelerator)."""
     _check_source(name_or_path, "--model")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
@@ -175,7 +178,8 @@ def load_model(
     model._cleanpost_disk_dtype = _config_dtype(name_or_path, **kwargs) or torch_dtype
     model._cleanpost_pure = is_pure(dtype)
     disable_dropout(model)
-    model.to(device)
+    if not on_host:
+        model.to(device)
     if model_class is AutoModelForCausalLM:  # every script computes log-probs through the fused head
         from common.logprobs import check_fused_head
 

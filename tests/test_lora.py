@@ -207,3 +207,62 @@ def test_default_lora_run_learns(tmp_path):
     run_script(ROOT / "lora.py", "--output-dir", tmp_path, "--run-name", "lora_default_learns")
     rows = [json.loads(line) for line in (tmp_path / "lora_default_learns" / "metrics.jsonl").open()]
     assert rows[-1]["eval/accuracy"] >= base + 0.20, (base, rows[-1]["eval/accuracy"])
+
+
+def test_nf4_codes_by_midpoints_are_the_nearest_codes():
+    """Bucketizing on the midpoints between neighbouring codes gives argmin |x - code| (without the numel x 16
+    distance tensor) on 200k random values; on the midpoints themselves (ties up to float rounding) a code at the
+    least distance, within 1e-6."""
+    torch.manual_seed(0)
+    w = torch.cat([torch.randn(200_000), (NF4_CODEBOOK[1:] + NF4_CODEBOOK[:-1]) / 2 * 3.0, torch.tensor([3.0])])
+    w = torch.nn.functional.pad(w, (0, (-w.numel()) % BLOCK_SIZE))
+    q = quantize_blockwise(w, "nf4")
+    codes = torch.stack([q["codes"] >> 4, q["codes"] & 0xF], -1).flatten().long()
+    normed = (w.view(-1, BLOCK_SIZE) / q["absmax"][:, None]).flatten()
+    distance = (normed[:, None] - NF4_CODEBOOK).abs()  # (n, 16)
+    nearest = distance.argmin(-1)
+    assert torch.equal(codes[:200_000], nearest[:200_000])
+    chosen = distance.gather(-1, codes[:, None])[:, 0]
+    assert (chosen - distance.min(-1).values).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_quantized_linear_keeps_no_weight_for_backward(kind):
+    """The quantized base saves nothing for backward (the dequantized weight is recomputed there), gives the same
+    output and input gradient as F.linear with the dequantized weight, and LoRA keeps its bf16 input as is (no fp32
+    copy): what backward keeps is the input once plus the rank-r intermediate."""
+    from lora import QuantizedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512, bias=True).to(torch.bfloat16)
+    layer = LoRALinear(QuantizedLinear(linear, kind), r=4, alpha=8, dropout=0.0, use_rslora=False)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 7, 256, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = layer(x)
+    saved_bytes = sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in saved}.values())
+    weight_bytes = 256 * 512 * 2
+    assert saved_bytes < weight_bytes / 4  # before: the bf16 weight itself (and an fp32 copy of x)
+    assert not any(t.dtype == torch.float32 and t.numel() == x.numel() for t in saved)
+    out.float().sum().backward()
+    w = layer.base.dequantized_weight(torch.bfloat16).detach()
+    x2 = x.detach().clone().requires_grad_()
+    ref = (
+        torch.nn.functional.linear(x2, w, linear.bias.detach())
+        + layer.scaling * (x2 @ layer.lora_A.detach().bfloat16().T) @ layer.lora_B.detach().bfloat16().T
+    )
+    ref.float().sum().backward()
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-2, atol=1e-2)
+    assert layer.base.codebook is None or layer.base.codebook.device == layer.base.codes.device
+
+
+def test_quantized_linear_is_built_on_the_target_device_from_a_host_layer():
+    """Layer-by-layer quantization on the way to the accelerator: a host layer quantized onto `device` has its
+    codes, scales, codebook and bias there (checked with the meta device, which any stray host tensor breaks)."""
+    from lora import QuantizedLinear
+
+    q = QuantizedLinear(torch.nn.Linear(128, 64, bias=True), "nf4", device=torch.device("meta"))
+    assert {t.device.type for t in (q.codes, q.absmax, q.codebook, q.bias)} == {"meta"}
+    assert q(torch.empty(2, 128, device="meta")).device.type == "meta"
