@@ -41,7 +41,14 @@ from common.generation import (
     logprob_mismatch,
     rollout_correction,
 )
-from common.logprobs import chunked_logprobs_and_rank, completion_logprobs, lm_head_params, logits_fp32
+from common.logprobs import (
+    chunked_logprobs_and_rank,
+    completion_logprobs,
+    gather_rows,
+    lm_head_params,
+    logits_fp32,
+    scatter_rows,
+)
 from common.model import (
     load_model,
     load_tokenizer,
@@ -300,21 +307,12 @@ def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, compl
     hidden = completion_hidden(teacher, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, L, H)
     weight, bias, softcap, multiplier = lm_head_params(teacher)
     weight, bias = weight[:vocab], None if bias is None else bias[:vocab]  # the tokenizer's ids only
-    rows = completion_mask.reshape(-1).nonzero().squeeze(-1)  # (N,) the completion tokens: the head runs on these
+    rows, (hidden, targets) = gather_rows(completion_mask, hidden, completion_ids)  # the completion tokens only
     chosen, rank = chunked_logprobs_and_rank(  # rank: tokens the teacher ranks strictly above the sampled one
-        hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows),
-        weight,
-        completion_ids.reshape(-1).index_select(0, rows),
-        bias=bias,
-        temperature=temperature / multiplier,
-        softcap=softcap,
+        hidden, weight, targets, bias=bias, temperature=temperature / multiplier, softcap=softcap
     )  # (N,) each, tile by tile: no (B, L, V) tensor
-
-    def dense(x, fill):  # (N,) -> (B, L), `fill` past each completion's end
-        return x.new_full((completion_mask.numel(),), fill).index_copy(0, rows, x).view(completion_mask.shape)
-
-    rank = dense(rank, vocab)  # past the end: in no top-k
-    return dense(chosen, 0.0), rank < 1, rank < 5
+    rank = scatter_rows(rank, rows, completion_mask.shape, fill=vocab)  # past each completion's end: in no top-k
+    return scatter_rows(chosen, rows, completion_mask.shape), rank < 1, rank < 5
 
 
 def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):

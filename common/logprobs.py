@@ -12,6 +12,8 @@ whatever N is; each weight slice is read once per row block, so the matmuls stay
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common import dist
@@ -353,9 +355,7 @@ def _token_logprobs(
         raise NotImplementedError("a logit multiplier together with soft-capping")
     rows = None
     if target_mask is not None:  # only the rows that need a log-prob go through the head
-        rows = target_mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)  # (N, H)
-        targets = targets.reshape(-1).index_select(0, rows)  # (N,)
+        rows, (hidden, targets) = gather_rows(target_mask, hidden, targets)  # (N,), (N, H), (N,)
     out = chunked_logprobs(
         hidden,
         weight,
@@ -368,11 +368,21 @@ def _token_logprobs(
     )
     if rows is None:
         return out
+    if return_entropy:  # (N,) -> (B, T-1), 0 where no log-prob was asked for
+        return tuple(scatter_rows(o, rows, target_mask.shape) for o in out)
+    return scatter_rows(out, rows, target_mask.shape)
 
-    def dense(x):  # (N,) -> (B, T-1), 0 where no log-prob was asked for
-        return x.new_zeros(target_mask.numel()).index_copy(0, rows, x).view(target_mask.shape)
 
-    return tuple(dense(o) for o in out) if return_entropy else dense(out)
+def gather_rows(mask: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The positions where `mask` (B, T) is set, and each tensor (B, T, ...) at those positions only (N, ...): what
+    the LM head runs on (one host sync, for N). `scatter_rows` puts per-row results back."""
+    rows = mask.reshape(-1).nonzero().squeeze(-1)  # (N,)
+    return rows, [t.reshape(-1, *t.shape[mask.dim() :]).index_select(0, rows) for t in tensors]
+
+
+def scatter_rows(x: torch.Tensor, rows: torch.Tensor, shape, fill=0) -> torch.Tensor:
+    """(N,) values at `rows` of `gather_rows` -> `shape` (B, T), `fill` elsewhere (differentiable in x)."""
+    return x.new_full((math.prod(shape),), fill).index_copy(0, rows, x).view(shape)
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
