@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from qwen3_shape import qwen3_0_6b_shaped, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,30 +49,6 @@ class Args:
     """internal: run one variant in this process and print JSON"""
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def build(layers: int, dtype):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(config).to(dtype)
-
-
 def inputs(args: Args):
     import torch
 
@@ -86,7 +63,7 @@ def run_variant(args: Args) -> dict:
 
     from common.logprobs import completion_logprobs, token_logprobs
 
-    model = build(args.layers, torch.float32)
+    model = qwen3_0_6b_shaped(args.layers, dtype=torch.float32)
     prompt_ids, prompt_mask, completion_ids, completion_mask = inputs(args)
 
     def step():
@@ -114,7 +91,7 @@ def precision(args: Args) -> dict:
 
     from common.logprobs import chunked_logprobs
 
-    model = build(args.layers, torch.bfloat16).eval()
+    model = qwen3_0_6b_shaped(args.layers, dtype=torch.bfloat16).eval()
     prompt_ids, _, completion_ids, _ = inputs(args)
     ids = torch.cat([prompt_ids, completion_ids], 1)
     with torch.no_grad():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from qwen3_shape import rss_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -41,11 +42,6 @@ class Args:
     """rows per chunk (default: common.logprobs' automatic choice)"""
     variant: str | None = None
     """internal: run one variant in this process and print JSON"""
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 def run_variant(args: Args) -> dict:

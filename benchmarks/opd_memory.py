@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from qwen3_shape import qwen3_0_6b_shaped, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,30 +44,6 @@ class Args:
     """internal: run one objective in this process and print JSON"""
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def build(layers: int, seed: int):
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    return Qwen3ForCausalLM(config)
-
-
 def run(args: Args) -> dict:
     import torch
 
@@ -74,7 +51,8 @@ def run(args: Args) -> dict:
     import opd
     from common.logprobs import completion_logprobs
 
-    student, teacher = build(args.layers, 0), build(args.layers, 1).eval().requires_grad_(False)
+    student = qwen3_0_6b_shaped(args.layers, seed=0)
+    teacher = qwen3_0_6b_shaped(args.layers, seed=1).eval().requires_grad_(False)
     g = torch.Generator().manual_seed(2)
     part = [
         torch.randint(0, 151669, (args.batch, args.prompt), generator=g),

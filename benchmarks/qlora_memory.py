@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import tyro
+from qwen3_shape import qwen3_0_6b_shaped, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,11 +52,6 @@ class Args:
     """internal: run one variant in this process and print JSON"""
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
 def storages(tensors) -> dict:
     """{(storage address, device): bytes} of `tensors`, each storage once."""
     return {(t.untyped_storage().data_ptr(), t.device): t.untyped_storage().nbytes() for t in tensors if t is not None}
@@ -67,27 +63,14 @@ def unique_bytes(tensors) -> int:
 
 def run(args: Args) -> dict:
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     sys.path.insert(0, args.repo)
     import lora
     from common.logprobs import token_logprobs
 
     base_rss = rss_bytes()
-    config = Qwen3Config(
-        vocab_size=151936,
-        hidden_size=1024,
-        intermediate_size=3072,
-        num_hidden_layers=args.layers,
-        num_attention_heads=16,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
     full = args.variant == "full"
-    model = Qwen3ForCausalLM(config).to(torch.float32 if full else torch.bfloat16)
+    model = qwen3_0_6b_shaped(args.layers, dtype=torch.float32 if full else torch.bfloat16)
     if full:
         params = list(model.parameters())
     else:
