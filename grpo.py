@@ -335,6 +335,7 @@ def main(args: Args) -> None:
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,  # torchrun: each process reads only its shards (in dist.wrap)
     )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
@@ -351,6 +352,7 @@ def main(args: Args) -> None:
             dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."),  # the policy's compute dtype
             device=device if args.beta != 0 else "cpu",
             attn_implementation=args.attn_implementation,
+            sharded_load=args.beta != 0,  # placed by dist.wrap below
         )
         ref.eval().requires_grad_(False)
         if args.beta != 0:

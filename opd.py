@@ -371,6 +371,7 @@ def main(args: Args) -> None:
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,  # torchrun: each process reads only its shards (in dist.wrap)
     )
     student = dist.wrap(student, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(student.parameters()).device
@@ -379,7 +380,13 @@ def main(args: Args) -> None:
     correction = args.is_correction if args.is_correction != "auto" else ("tis" if args.vllm else "none")
     engine = rollout_engine(args, ckpt, student, tokenizer)
     teacher = (
-        load_model(args.teacher, dtype=args.teacher_dtype, device=device, attn_implementation=args.attn_implementation)
+        load_model(
+            args.teacher,
+            dtype=args.teacher_dtype,
+            device=device,
+            attn_implementation=args.attn_implementation,
+            sharded_load=True,
+        )
         .eval()
         .requires_grad_(False)
     )

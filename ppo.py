@@ -393,6 +393,7 @@ def main(args: Args) -> None:
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,  # torchrun: each process reads only its shards (in dist.wrap)
     )
     policy = dist.wrap(policy, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(policy.parameters()).device
@@ -401,7 +402,9 @@ def main(args: Args) -> None:
     engine = rollout_engine(args, ckpt, policy, tokenizer)
     sample = engine.generate if engine is not None else functools.partial(generate, policy)
     ref = (
-        load_model(args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation)
+        load_model(
+            args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation, sharded_load=True
+        )
         .eval()
         .requires_grad_(False)
     )
@@ -415,6 +418,7 @@ def main(args: Args) -> None:
             device=device,
             model_class=AutoModelForSequenceClassification,
             attn_implementation=args.attn_implementation,
+            sharded_load=True,
         )
         reward_model.eval().requires_grad_(False)
         reward_model = dist.wrap(reward_model, train=False, shard=args.shard_frozen)
@@ -427,11 +431,12 @@ def main(args: Args) -> None:
         model_class=AutoModelForSequenceClassification,
         num_labels=1,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,
     )
+    value_model = dist.wrap(value_model, train=True)
     if value_init == "policy" and not ckpt:
         with torch.no_grad():  # a fresh head that starts at V = 0 (no prior on the scores)
             value_model.score.weight.zero_()
-    value_model = dist.wrap(value_model, train=True)
     policy.train()
     value_model.train()
     optimizer = torch.optim.AdamW(

@@ -173,6 +173,7 @@ def main(args: Args) -> None:
         model_class=AutoModelForSequenceClassification,
         num_labels=1,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,  # torchrun: each process reads only its shards (in dist.wrap)
     )
     model.config.pad_token_id = pad_id  # what transformers' own pooling needs when others load the checkpoint
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged

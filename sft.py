@@ -211,6 +211,7 @@ def main(args: Args) -> None:
         dtype=args.dtype,
         gradient_checkpointing=args.gradient_checkpointing,
         attn_implementation=args.attn_implementation,
+        sharded_load=True,  # torchrun: each process reads only its shards (in dist.wrap)
     )
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device

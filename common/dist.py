@@ -9,6 +9,8 @@ The scripts call the same functions either way. With more than one process:
   the root); on CUDA a bf16/fp32 model trains from fp32 master weights with bf16 compute and fp32 gradient
   reduction. Gradients are *summed* across ranks (not averaged): each rank divides its loss by the global
   normalizer (`all_reduce`d before backward), so N ranks take the same step as one process on the same batch.
+- A model loaded with `common.model.load_model(..., sharded_load=True)` is still on the meta device: `wrap` shards
+  it, then each rank reads only its shards' rows from the checkpoint (no rank ever holds the whole model).
 - `wrap(model, train=False, shard=...)` places a frozen model (reference, teacher, reward model): a full copy
   per rank (`shard=False`, no communication) or FSDP2-sharded (1/N of the memory, an all-gather per forward).
 - `root_forward(model, fn, ...)` runs `fn(model, ...)` as the model's forward: FSDP gathers the root's own
@@ -193,7 +195,7 @@ def wrap(model, *, train: bool, shard: bool = True, mixed_precision: bool = True
             "of 0.02) are lost, and gradients accumulate in bf16"
         )
     if not mixed and (world_size() == 1 or not (train or shard)):
-        return model
+        return _load_weights(model)
     _ensure_process_group()
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -216,6 +218,22 @@ def wrap(model, *, train: bool, shard: bool = True, mixed_precision: bool = True
             m.set_force_sum_reduction_for_comms(True)  # a plain SUM reduction (gloo has no pre-multiplied sum)
     model._cleanpost_call = types.MethodType(_call, model)
     register_fsdp_forward_method(model, "_cleanpost_call")
+    return _load_weights(model)
+
+
+def _load_weights(model):
+    """A model that `load_model(..., sharded_load=True)` built on the meta device gets its weights now, each process
+    reading only the rows its shards hold; then the fused-head check that loading defers. Any other model: as is."""
+    load = model.__dict__.pop("_cleanpost_load_weights", None)
+    if load is not None:
+        load(model)
+        name = model.__dict__.pop("_cleanpost_check_head", None)
+        if name is not None:
+            from common.logprobs import check_fused_head
+
+            check_fused_head(model, name)
+            if is_sharded(model):
+                model.reshard()  # the check's forward left the root's parameters gathered
     return model
 
 

@@ -274,8 +274,9 @@ def check_fused_head(model, name: str, tokens: int = 16) -> float:
     mask = torch.ones_like(ids)
     arch = type(model).__name__
     try:
-        fused = token_logprobs(model, ids, mask)
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        with torch.no_grad():
+            fused = token_logprobs(model, ids, mask)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
     except Exception as e:  # noqa: BLE001 -- any failure here means the fused path does not fit this model
         die(f"{name} ({arch}): the fused log-prob head cannot run on this architecture ({type(e).__name__}: {e})")
     finally:

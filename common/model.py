@@ -8,6 +8,7 @@ checkpoint atomically (temporary directory + rename); `save_checkpoint` / `load_
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -153,18 +154,35 @@ def load_model(
     model_class=AutoModelForCausalLM,
     attn_implementation: str | None = None,
     on_host: bool = False,
+    sharded_load: bool = False,
     **kwargs,
 ) -> PreTrainedModel:
     """A causal LM (any `AutoModelForCausalLM` architecture) from a hub id or a local directory, on `device`, in
     the compute dtype of `dtype` (see `resolve_dtype`), dropout off. A trained model gets its fp32 master weights
     from `common.dist.wrap`; `save_model` writes it back in the checkpoint's own dtype (`disk_dtype`).
     `on_host`: leave it in host memory, in `device`'s compute dtype, for the caller to move (lora.py quantizes
-    layer by layer on the way to the accelerator)."""
+    layer by layer on the way to the accelerator).
+
+    `sharded_load` (for a model that `common.dist.wrap` places next): under torchrun the model is built on the meta
+    device and its weights are left to `wrap`, which reads from the safetensors files only the rows of each tensor
+    that this process's FSDP2 shard holds (see `_deferred_load`). No process ever holds the whole model, so a
+    model that fits only when sharded loads at all. Nothing may touch the weights between the two calls. One
+    process, or a checkpoint this reader cannot map onto the model (see `_shard_readable`): an ordinary load."""
     _check_source(name_or_path, "--model")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if sharded_load and dist.world_size() > 1 and not on_host:
+        model = _deferred_load(name_or_path, model_class, torch_dtype, device, kwargs)
+        if model is not None:
+            model._cleanpost_disk_dtype = _config_dtype(name_or_path, **kwargs) or torch_dtype
+            model._cleanpost_pure = is_pure(dtype)
+            disable_dropout(model)
+            if model_class is AutoModelForCausalLM:  # checked by `wrap` once the weights are there
+                model._cleanpost_check_head = name_or_path
+            _enable_checkpointing(model, gradient_checkpointing)
+            return model
     try:
         model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError, ImportError) as e:
@@ -184,14 +202,209 @@ def load_model(
         from common.logprobs import check_fused_head
 
         check_fused_head(model, name_or_path)
-    if gradient_checkpointing:
+    _enable_checkpointing(model, gradient_checkpointing)
+    return model
+
+
+def _enable_checkpointing(model, enabled: bool) -> None:
+    if enabled:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sharded loading under torchrun: build on the meta device, shard, then read each process's rows of each tensor
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsReader:
+    """Tensors of a (possibly multi-file) safetensors checkpoint read by rows with plain file reads: `rows(name,
+    start, stop)` costs the bytes of those rows and nothing else (no memory map, whose touched pages would count
+    in this process's memory until it is closed). The format: 8 bytes of header length, a JSON header giving each
+    tensor's dtype, shape and byte range in the data that follows."""
+
+    def __init__(self, files: list[Path]):
+        self.entries = {}  # name -> (file, absolute byte offset, dtype, shape)
+        for file in files:
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+                begin = 8 + header_len + entry["data_offsets"][0]
+                self.entries[name] = (file, begin, dtype, tuple(entry["shape"]))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][3]
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return self.entries[name][2]
+
+    def rows(self, name: str, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) along the first dimension (the whole tensor by default; a 0-d tensor whole), read into
+        `out` when given (a contiguous host tensor of the stored dtype and the rows' shape)."""
+        file, begin, dtype, shape = self.entries[name]
+        if not shape:
+            start, stop, row_shape = 0, 1, ()
+        else:
+            stop = shape[0] if stop is None else stop
+            row_shape = shape[1:]
+        row_bytes = math.prod(row_shape) * dtype.itemsize
+        out = (
+            torch.empty((stop - start, *row_shape), dtype=dtype) if out is None else out.view(stop - start, *row_shape)
+        )
+        if out.numel():
+            with open(file, "rb") as f:
+                f.seek(begin + start * row_bytes)
+                f.readinto(out.detach().view(torch.uint8).numpy().reshape(-1))
+        return out.reshape(shape) if not shape else out
+
+
+def _checkpoint_files(name_or_path: str, revision: str | None) -> list[Path] | None:
+    """The safetensors files of a checkpoint (a local directory or a hub id, fetched into the hub cache), or None
+    when it has none (a `.bin` checkpoint)."""
+    from transformers.utils import cached_file
+
+    def fetch(filename):
+        path = Path(name_or_path) / filename
+        if Path(name_or_path).is_dir():
+            return path if path.is_file() else None
+        found = cached_file(name_or_path, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
+        return Path(found) if found else None
+
+    index = fetch("model.safetensors.index.json")
+    if index is not None:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [fetch(s) for s in shards]
+        return files if all(files) else None
+    single = fetch("model.safetensors")
+    return [single] if single else None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with their parameters on the meta device (no memory, no initialization) and their buffers
+    real: the non-persistent ones (rotary frequencies) are computed by the model's own code and are not in any
+    checkpoint."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _deferred_load(name_or_path: str, model_class, torch_dtype, device, kwargs) -> PreTrainedModel | None:
+    """The model on the meta device with `model._cleanpost_load_weights` set, or None when the checkpoint is not
+    one we can read shard by shard (then the caller loads it whole): no safetensors files, a quantized or
+    fp32-pinned model, or a tensor of the model's body missing from the checkpoint or shaped differently (a
+    checkpoint transformers converts on load, e.g. fused MoE experts). Parameters outside the body that the
+    checkpoint lacks (a sequence-classification `score` head on a causal-LM checkpoint) are initialized here as
+    `from_pretrained` does, by the model's own `_init_weights` from the same random state."""
+    from transformers import AutoConfig
+
+    config_kwargs = {k: v for k, v in kwargs.items() if k != "attn_implementation"}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **config_kwargs)
+        files = _checkpoint_files(name_or_path, kwargs.get("revision"))
+    except (OSError, ValueError):
+        return None  # the ordinary load says what is wrong
+    if files is None or getattr(config, "quantization_config", None) is not None:
+        return None
+    reader = SafetensorsReader(files)
+    with _parameters_on_meta():
+        model = model_class.from_config(
+            config, dtype=torch_dtype, attn_implementation=kwargs.get("attn_implementation")
+        )
+    model.tie_weights()
+    if model.can_generate():  # what from_pretrained reads beside the weights: generation_config.json (eos ids)
+        from transformers import GenerationConfig
+
+        with contextlib.suppress(OSError):
+            revision = {k: v for k, v in kwargs.items() if k == "revision"}
+            model.generation_config = GenerationConfig.from_pretrained(name_or_path, **revision)
+    if model._keep_in_fp32_modules or getattr(model, "_keep_in_fp32_modules_strict", None):
+        return None
+    prefix = model.base_model_prefix
+    sources = {}  # parameter name -> checkpoint name, or a full tensor initialized here
+    missing_modules = {}
+    for name, param in model.named_parameters():
+        candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"]
+        found = next((c for c in candidates if c in reader.entries), None)
+        if found is not None and reader.shape(found) == tuple(param.shape) and reader.entries[found][2] is not None:
+            sources[name] = found
+        elif name.startswith(prefix + ".") or found is not None:
+            return None  # the body does not match the checkpoint as stored: transformers maps it
+        else:
+            module_name = name.rpartition(".")[0]
+            missing_modules[module_name] = model.get_submodule(module_name)
+    for module_name, module in missing_modules.items():  # the same draws as from_pretrained's missing-key init
+        fresh = copy.deepcopy(module).to_empty(device="cpu")
+        model._init_weights(fresh)
+        for pname, p in fresh.named_parameters(recurse=False):
+            sources[f"{module_name}.{pname}" if module_name else pname] = p.detach()
+    buffers = {n for n, _ in model.named_buffers()}
+    checkpoint_buffers = {n: c for n in buffers for c in (n, n.removeprefix(prefix + ".")) if c in reader.entries}
+    model._cleanpost_load_weights = functools.partial(
+        _load_shards, reader=reader, sources=sources, buffers=checkpoint_buffers, dtype=torch_dtype, device=device
+    )
     return model
+
+
+@torch.no_grad()
+def _load_shards(model, *, reader, sources, buffers, dtype, device) -> None:
+    """Give a model built by `_deferred_load` (and since sharded by `common.dist.wrap`, or not) its weights: each
+    FSDP2 parameter (a DTensor sharded on dim 0, rank r holding rows [r * ceil(n / N), ...)) gets only its rows,
+    read in the checkpoint's dtype, rounded to the compute dtype and stored in the parameter's own (fp32 for the
+    master weights of mixed precision), exactly what a whole load followed by `wrap` holds. Buffers keep the
+    values the model's code computed, or the checkpoint's where it has them."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    kept = {n: b.detach().to(device, copy=True) for n, b in model.named_buffers()}
+    model.to_empty(device=device)
+    if not dist.is_sharded(model):
+        model.tie_weights()  # to_empty gave a plain model new parameters (FSDP2 keeps a tied one tied)
+    for name, b in model.named_buffers():
+        b.copy_(reader.rows(buffers[name]) if name in buffers else kept[name])
+    for name, param in model.named_parameters():
+        local, start = param, 0
+        if isinstance(param, DTensor):
+            local = param.to_local()
+            if any(p.is_shard() for p in param.placements):
+                if param.placements != (Shard(0),):
+                    raise NotImplementedError(f"{name}: placement {param.placements} (only FSDP2's Shard(0))")
+                start = dist.rank() * math.ceil(param.shape[0] / dist.world_size())
+        stop = start + (local.shape[0] if local.dim() else 1)
+        source = sources[name]
+        if not isinstance(source, str):  # initialized by `_deferred_load`
+            local.copy_(source.reshape(-1, *source.shape[1:])[start:stop].reshape(local.shape))
+        elif local.device.type == "cpu" and local.is_contiguous() and local.dtype == dtype == reader.dtype(source):
+            reader.rows(source, start, stop, out=local)  # straight into the shard: no copy
+        else:  # rounded to the compute dtype first, as a whole load in that dtype would be
+            local.copy_(reader.rows(source, start, stop).to(device).to(dtype).reshape(local.shape))
 
 
 def load_tokenizer(name_or_path: str, chat_template_kwargs: str | dict | None = None) -> PreTrainedTokenizerBase:
