@@ -101,6 +101,7 @@ def test_each_process_holds_the_rows_of_a_whole_load(qwen3_checkpoint, tmp_path,
         torch.testing.assert_close(ranks[0]["out"], expected, atol=atol, rtol=0)
 
 
+@pytest.mark.slow  # two more torchrun pairs; the table above runs the same path in the quick loop
 def test_peak_host_memory_per_process_is_a_shard_not_the_model(qwen3_checkpoint, tmp_path):
     """Peak RSS per process while loading and sharding a trained fp32 model with 2 processes, above what the
     process held before loading: sharded loading ~0.5x the model (measured 0.64x at this size: its shard plus
@@ -132,3 +133,32 @@ def test_reader_reads_rows_and_whole_tensors(qwen3_checkpoint):
         out = torch.empty((2, *full.shape[1:]), dtype=full.dtype)
         reader.rows(name, 1, 3, out=out)
         assert torch.equal(out, full[1:3])
+
+
+def test_checkpoints_the_reader_cannot_map_load_whole(random_model_dir, tmp_path):
+    """`_deferred_load` answers None (the caller then loads the checkpoint whole, as before) for a `.bin`
+    checkpoint and for one whose body is stored under other names (what transformers' key conversions handle);
+    a readable one gives a meta model with its loader attached."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from common.model import _deferred_load
+
+    def deferred(path):
+        return _deferred_load(str(path), AutoModelForCausalLM, torch.float32, torch.device("cpu"), {})
+
+    model = deferred(random_model_dir)
+    assert model is not None and next(model.parameters()).is_meta and model._cleanpost_load_weights is not None
+    as_bin = tmp_path / "bin"  # (transformers 5 writes only safetensors; older hub checkpoints are .bin)
+    shutil.copytree(random_model_dir, as_bin)
+    torch.save(load_file(as_bin / "model.safetensors"), as_bin / "pytorch_model.bin")
+    (as_bin / "model.safetensors").unlink()
+    assert deferred(as_bin) is None
+    renamed = tmp_path / "renamed"
+    shutil.copytree(random_model_dir, renamed)
+    state = load_file(renamed / "model.safetensors")
+    state = {k.replace("self_attn.q_proj", "self_attn.query"): v for k, v in state.items()}
+    save_file(state, renamed / "model.safetensors", metadata={"format": "pt"})
+    assert deferred(renamed) is None
