@@ -1,10 +1,20 @@
-"""DPO: direct preference optimization (Rafailov et al. 2023, arXiv 2305.18290), with IPO and conservative DPO.
+"""DPO: direct preference optimization (Rafailov et al. 2023, arXiv 2305.18290) and its loss family.
 
-For a prompt x with a preferred response y_w and a dispreferred y_l, and h = the log-ratio margin
+For a prompt x with a preferred response y_w and a dispreferred y_l, the log-ratios r_w = log pi(y_w|x) -
+log pi_ref(y_w|x), r_l likewise, and their margin h = r_w - r_l (sequence log-prob sums unless said otherwise):
 
-    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
-    sigmoid (DPO):   loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)      (eps = --label-smoothing)
-    ipo (IPO):       loss = (h - 1 / (2 beta))^2           with log-probs averaged over the response's tokens
+    sigmoid (DPO):      -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)          (eps = --label-smoothing)
+    robust (rDPO):      [-(1 - eps) log sigmoid(beta h) + eps log sigmoid(-beta h)] / (1 - 2 eps)
+                        (Chowdhury et al. 2024, arXiv 2403.00409: unbiased under labels flipped with probability eps)
+    hinge (SLiC):       max(0, 1 - beta h)                          (Zhao et al. 2023, arXiv 2305.10425)
+    ipo (IPO):          (h - 1 / (2 beta))^2, log-probs averaged over the response's tokens (arXiv 2310.12036)
+    apo-zero (APO):     (1 - sigmoid(beta r_w)) + sigmoid(beta r_l)  (D'Oosterlinck et al. 2024, arXiv 2408.06266)
+    sppo-hard (SPPO):   (r_w - 1 / (2 beta))^2 + (r_l + 1 / (2 beta))^2  (Wu et al. 2024, arXiv 2405.00675)
+  reference-free (no reference model is loaded or precomputed), with a = log-probs averaged over the response:
+    simpo (SimPO):      -log sigmoid(beta (a_w - a_l) - gamma)      (Meng et al. 2024, arXiv 2405.14734;
+                        gamma = --simpo-gamma, the target margin)
+    orpo (ORPO):        NLL(y_w) - beta log sigmoid(log odds(y_w) - log odds(y_l)),  log odds(y) = a - log(1 - e^a)
+                        (Hong et al. 2024, arXiv 2403.07691; beta is the paper's lambda; the NLL per chosen token)
     + rpo_alpha * NLL(y_w)  (--rpo-alpha; RPO, arXiv 2404.19733: keeps the chosen answers likely)
 
 pi_ref is a frozen copy of the starting policy, or (--precompute-ref) its log-probs computed once before training,
@@ -113,15 +123,21 @@ class Args:
     """prompt + response are truncated to this many tokens (counted and reported)"""
     # DPO
     beta: float = 0.1
-    """strength of the implicit KL to the reference (DPO's beta; IPO's tau)"""
-    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
-    """sigmoid: DPO; ipo: IPO's squared loss on length-averaged log-ratios"""
+    """strength of the implicit KL to the reference (DPO's beta; IPO's tau); SimPO's reward scale (its paper uses
+    2-10); ORPO's lambda, the weight of the odds-ratio term"""
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo", "apo-zero", "sppo-hard", "simpo", "orpo"] = "sigmoid"
+    """sigmoid: DPO | robust: rDPO (label noise --label-smoothing) | hinge: SLiC | ipo: IPO's squared loss on
+    length-averaged log-ratios | apo-zero: APO | sppo-hard: SPPO | simpo: SimPO, reference-free, length-normalized
+    | orpo: ORPO, reference-free, odds ratio + NLL (formulas in the module docstring)"""
     label_smoothing: float = 0.0
-    """conservative DPO: the probability that a label is flipped (sigmoid only)"""
+    """the probability that a label is flipped: conservative DPO (sigmoid) or robust DPO (robust, > 0)"""
+    simpo_gamma: float = 0.5
+    """SimPO's target reward margin gamma (its paper: 0.5-1.5 with beta 2-2.5)"""
     rpo_alpha: float | None = None
     """if set, add rpo_alpha * the chosen responses' token-mean NLL (RPO)"""
     precompute_ref: bool = False
-    """compute the reference log-probs once before training, then free the reference model"""
+    """compute the reference log-probs once before training, then free the reference model (not with simpo or
+    orpo, which have no reference)"""
     shard_frozen: bool = False
     """under torchrun: shard the reference with FSDP2 too (1/N of its memory per GPU, an all-gather per forward)
     instead of a full copy per GPU (no communication)"""
@@ -156,27 +172,60 @@ class Args:
     """a run directory (its newest checkpoint) or a checkpoint directory to continue from"""
 
 
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # their log-probs are means over the response's tokens
+
+
 def dpo_loss(
     chosen_logps: torch.Tensor,
     rejected_logps: torch.Tensor,
-    ref_chosen_logps: torch.Tensor,
-    ref_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair DPO/IPO losses and the implicit rewards. All inputs (B,) sequence log-probs (for ipo: averaged over
-    the response's tokens). Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); rewards detached."""
-    chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
-    rejected_logratios = rejected_logps - ref_rejected_logps
+    """Per-pair preference losses (the module docstring's formulas) and the implicit rewards. Inputs (B,) sequence
+    log-probs: sums, or for LENGTH_AVERAGED types means over the response's tokens; the reference log-probs are None
+    for REFERENCE_FREE types. Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards detached:
+    beta * log-ratio, or beta * log-prob (the length-normalized reward) for the reference-free losses. ORPO's NLL
+    term is not in `losses`: the caller adds it per chosen token, as for RPO."""
+    if loss_type in REFERENCE_FREE:
+        chosen_logratios, rejected_logratios = chosen_logps, rejected_logps  # (B,): no reference
+    else:
+        chosen_logratios = chosen_logps - ref_chosen_logps  # (B,)
+        rejected_logratios = rejected_logps - ref_rejected_logps
     h = chosen_logratios - rejected_logratios
+    eps = label_smoothing
     if loss_type == "sigmoid":
-        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "apo-zero":
+        losses = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
+    elif loss_type == "sppo-hard":
+        losses = (chosen_logratios - 1 / (2 * beta)) ** 2 + (rejected_logratios + 1 / (2 * beta)) ** 2
+    elif loss_type == "simpo":
+        losses = -F.logsigmoid(beta * h - simpo_gamma)
+    elif loss_type == "orpo":
+        # log odds(y) = log p - log(1 - p) with p = exp(a), a < 0 the mean token log-prob (a clamped below 0 so
+        # that a response of probability 1 gives a large finite odds, not an infinite one)
+        a_w, a_l = chosen_logps.clamp(max=-1e-6), rejected_logps.clamp(max=-1e-6)
+        log_odds = (a_w - torch.log1p(-torch.exp(a_w))) - (a_l - torch.log1p(-torch.exp(a_l)))
+        losses = -beta * F.logsigmoid(log_odds)
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def halves(pair_values: torch.Tensor | None, b: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(chosen, rejected): rows :b and b: of a (2b,) pair tensor; (None, None) for None (no reference)."""
+    return (None, None) if pair_values is None else (pair_values[:b], pair_values[b:])
 
 
 def sequence_logps(model, batch: dict, average: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,10 +250,14 @@ def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> to
     return dist.all_reduce(out).float().to(device)  # on the device of the micro-batches' indices
 
 
-def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta) -> dict:
+def pair_metrics(
+    prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta, reference=True
+) -> dict:
     """Means over the pairs of a step (or of the held-out set). kl_to_init: Schulman's k2 = (log pi/pi_ref)^2 / 2
-    on the pairs' responses, a non-negative drift measure (a KL estimate only where responses are on-policy)."""
+    on the pairs' responses, a non-negative drift measure (a KL estimate only where responses are on-policy); not
+    for a reference-free loss (`reference=False`), whose rewards are not log-ratios."""
     logratios = torch.cat([chosen_rewards, rejected_rewards]) / beta
+    kl = {f"{prefix}/kl_to_init": (0.5 * logratios**2).mean().item()} if reference else {}
     return {
         f"{prefix}/loss": losses.mean().item(),
         f"{prefix}/rewards_chosen": chosen_rewards.mean().item(),
@@ -213,7 +266,7 @@ def pair_metrics(prefix, losses, chosen_rewards, rejected_rewards, chosen_logps,
         f"{prefix}/rewards_accuracy": (chosen_rewards > rejected_rewards).float().mean().item(),
         f"{prefix}/logps_chosen": chosen_logps.mean().item(),
         f"{prefix}/logps_rejected": rejected_logps.mean().item(),
-        f"{prefix}/kl_to_init": (0.5 * logratios**2).mean().item(),
+        **kl,
     }
 
 
@@ -229,10 +282,18 @@ def main(args: Args) -> None:
         die(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
         die(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    if args.label_smoothing and args.loss_type != "sigmoid":
-        die("--label-smoothing applies to --loss-type sigmoid only")
+    if args.label_smoothing and args.loss_type not in ("sigmoid", "robust"):
+        die("--label-smoothing applies to --loss-type sigmoid and robust only")
+    if args.loss_type == "robust" and not args.label_smoothing:
+        die("--loss-type robust needs --label-smoothing > 0 (the label-flip rate it corrects for; 0 is plain DPO)")
+    reference_free = args.loss_type in REFERENCE_FREE
+    if reference_free and args.precompute_ref:
+        die(f"--precompute-ref: --loss-type {args.loss_type} uses no reference model")
+    if args.loss_type == "orpo" and args.rpo_alpha is not None:
+        die("--rpo-alpha: --loss-type orpo has its own NLL term (weight 1, as in the paper)")
     torch.manual_seed(args.seed)
-    average = args.loss_type == "ipo"
+    average = args.loss_type in LENGTH_AVERAGED
+    nll_weight = 1.0 if args.loss_type == "orpo" else args.rpo_alpha  # the chosen tokens' NLL term, if any
 
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
     train = Mixture(
@@ -264,17 +325,15 @@ def main(args: Args) -> None:
     )
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
-    # Reference: always the starting model (--model), also when resuming.
-    ref = (
-        load_model(
+    # Reference: always the starting model (--model), also when resuming; none for a reference-free loss.
+    ref = ref_train = ref_eval = None
+    note = f"reference-free ({args.loss_type}): no reference model"
+    if not reference_free:
+        ref = load_model(
             args.model, dtype=args.dtype, device=device, attn_implementation=args.attn_implementation, sharded_load=True
         )
-        .eval()
-        .requires_grad_(False)
-    )
-    ref = dist.wrap(ref, train=False, shard=args.shard_frozen)
-    ref_train = ref_eval = None
-    note = "live reference model"
+        ref = dist.wrap(ref.eval().requires_grad_(False), train=False, shard=args.shard_frozen)
+        note = "live reference model"
     if args.precompute_ref:
         ref_train = reference_logps(ref, train_pairs, args.micro_batch_size, pad_id, average, device)
         ref_eval = (
@@ -309,8 +368,11 @@ def main(args: Args) -> None:
     )
     tracker.write(train.describe(data_opts))
 
-    def ref_pair_logps(mb, table) -> torch.Tensor:
-        """(2b,) reference log-probs of a micro-batch: from the precomputed table or a no-grad forward."""
+    def ref_pair_logps(mb, table) -> torch.Tensor | None:
+        """(2b,) reference log-probs of a micro-batch: from the precomputed table or a no-grad forward (None for a
+        reference-free loss)."""
+        if reference_free:
+            return None
         if table is not None:
             return table[mb["index"]].T.reshape(-1).to(device)
         with torch.no_grad():
@@ -327,21 +389,20 @@ def main(args: Args) -> None:
                 for mb in pair_micro_batches(eval_pairs, mine, args.micro_batch_size, pad_id) if mine else []:
                     mb = {k: v.to(device) for k, v in mb.items()}
                     logps = sequence_logps(model, mb, average)[0].float()
-                    ref_logps = ref_pair_logps(mb, ref_eval).float()
+                    ref_logps = ref_pair_logps(mb, ref_eval)
                     b = len(mb["index"])
                     out = dpo_loss(
-                        logps[:b],
-                        logps[b:],
-                        ref_logps[:b],
-                        ref_logps[b:],
+                        *halves(logps, b),
+                        *halves(None if ref_logps is None else ref_logps.float(), b),
                         args.beta,
                         args.loss_type,
                         args.label_smoothing,
+                        args.simpo_gamma,
                     )
                     parts.append((*out, logps[:b], logps[b:]))
             local = [torch.cat(p) for p in zip(*parts)] if parts else [torch.zeros(0)] * 5
             cat = [dist.all_gather(t) for t in local]  # every process's pairs
-            metrics.update(pair_metrics("eval", *cat, args.beta))
+            metrics.update(pair_metrics("eval", *cat, args.beta, reference=not reference_free))
             model.train()
         if eval_records:
             metrics.update(
@@ -383,12 +444,17 @@ def main(args: Args) -> None:
             logps, token_logps, mask = sequence_logps(model, mb, average)  # (2b,), (2b, T-1), (2b, T-1)
             ref_logps = ref_pair_logps(mb, ref_train)
             losses, chosen_rewards, rejected_rewards = dpo_loss(
-                logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], args.beta, args.loss_type, args.label_smoothing
+                *halves(logps, b),
+                *halves(ref_logps, b),
+                args.beta,
+                args.loss_type,
+                args.label_smoothing,
+                args.simpo_gamma,
             )
             loss = losses.sum() / args.batch_size
-            if args.rpo_alpha is not None:
+            if nll_weight is not None:  # RPO's or ORPO's NLL of the chosen responses, per chosen token of the step
                 nll = -(token_logps[:b] * mask[:b]).sum()
-                loss = loss + args.rpo_alpha * nll / num_chosen_tokens
+                loss = loss + nll_weight * nll / num_chosen_tokens
                 nll_sum += nll.detach()
             loss.backward()
             parts.append(
@@ -400,7 +466,9 @@ def main(args: Args) -> None:
                     logps[b:].detach().float(),
                 )
             )
-        metrics = pair_metrics("train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)], args.beta)
+        metrics = pair_metrics(
+            "train", *[dist.all_gather(torch.cat(p)) for p in zip(*parts)], args.beta, reference=not reference_free
+        )
         num_tokens, nll_sum = dist.all_reduce([num_tokens, float(nll_sum)])  # the step's host sync
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
@@ -428,7 +496,7 @@ def main(args: Args) -> None:
                 "perf/peak_mem_gb": peak_memory_gb(device),
             }
         )
-        if args.rpo_alpha is not None:
+        if nll_weight is not None:
             metrics["train/nll_chosen"] = nll_sum / num_chosen_tokens
         if done == args.max_steps or (args.eval_every and done % args.eval_every == 0):
             metrics.update(evaluation())

@@ -48,6 +48,71 @@ def test_ipo_loss_closed_form():
     assert losses.tolist() == pytest.approx([1.0, 4.0])
 
 
+# The loss family on one pair written out by hand: policy log-probs chosen -1, rejected -3; reference -2 and -2.5,
+# so r_w = 1, r_l = -0.5, h = 1.5 (reference-free losses read the policy's numbers as length-averaged log-probs).
+R_W, R_L, H = 1.0, -0.5, 1.5
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize(
+    "loss_type, beta, eps, expected",
+    [
+        # rDPO (Chowdhury et al. 2024, eq. 7): [(1 - e) l(bh) - e l(-bh)] / (1 - 2e), l(z) = -log sigmoid(z)
+        ("robust", 0.5, 0.2, ((1 - 0.2) * -_log_sigmoid(0.75) - 0.2 * -_log_sigmoid(-0.75)) / (1 - 0.4)),
+        ("hinge", 0.5, 0.0, 1 - 0.5 * 1.5),  # SLiC: max(0, 1 - beta h) = 0.25
+        ("hinge", 2.0, 0.0, 0.0),  # beta h = 3 > 1: no loss
+        # APO-zero: (1 - sigmoid(beta r_w)) + sigmoid(beta r_l)
+        ("apo-zero", 0.5, 0.0, (1 - _sigmoid(0.5)) + _sigmoid(-0.25)),
+        # SPPO-hard: (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2, beta 0.5: (1 - 1)^2 + (-0.5 + 1)^2
+        ("sppo-hard", 0.5, 0.0, 0.25),
+    ],
+)
+def test_reference_based_losses_by_hand(loss_type, beta, eps, expected):
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.5]), beta, loss_type, eps
+    )
+    assert losses.item() == pytest.approx(expected, abs=1e-6)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx((beta * R_W, beta * R_L))
+
+
+def test_robust_dpo_is_unbiased_under_label_noise():
+    """rDPO's defining property: with labels flipped with probability eps, its expected loss is the clean DPO loss."""
+    eps, beta = 0.2, 0.5
+    args = (torch.tensor([-2.0]), torch.tensor([-2.5]), beta, "robust", eps)
+    right = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), *args)[0]  # the pair as labelled
+    flipped = dpo_loss(
+        torch.tensor([-3.0]), torch.tensor([-1.0]), torch.tensor([-2.5]), torch.tensor([-2.0]), *args[2:]
+    )[0]
+    clean = -_log_sigmoid(beta * H)
+    assert ((1 - eps) * right + eps * flipped).item() == pytest.approx(clean, abs=1e-6)
+
+
+def test_simpo_by_hand():
+    # SimPO eq. 6: -log sigmoid(beta (a_w - a_l) - gamma); a_w -1, a_l -3, beta 2, gamma 1: -log sigmoid(3)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), None, None, 2.0, "simpo", simpo_gamma=1.0
+    )
+    assert losses.item() == pytest.approx(-_log_sigmoid(3.0), abs=1e-6)
+    assert (chosen_rewards.item(), rejected_rewards.item()) == pytest.approx((-2.0, -6.0))  # beta * a
+
+
+def test_orpo_by_hand():
+    # ORPO eq. 6-7: odds(y) = p / (1 - p), p = exp(a); L_OR = -log sigmoid(log(odds_w / odds_l)), times lambda = beta
+    a_w, a_l, lam = -0.5, -1.5, 0.1
+    p_w, p_l = math.exp(a_w), math.exp(a_l)
+    log_odds_ratio = math.log((p_w / (1 - p_w)) / (p_l / (1 - p_l)))
+    losses, _, _ = dpo_loss(torch.tensor([a_w]), torch.tensor([a_l]), None, None, lam, "orpo")
+    assert losses.item() == pytest.approx(-lam * _log_sigmoid(log_odds_ratio), abs=1e-6)
+    # a response of probability 1 gives a finite loss and gradient
+    x = torch.tensor([0.0], requires_grad=True)
+    loss = dpo_loss(x, torch.tensor([-1.0]), None, None, lam, "orpo")[0]
+    loss.backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(x.grad).all()
+
+
 def _pairs_file(path, n=6):
     rows = [
         {"prompt": f"What is {10 + i}+{20 + i}?", "chosen": str(30 + 2 * i), "rejected": str(31 + 2 * i)}
@@ -234,12 +299,19 @@ def _naive_first_step(model_dir, pairs, beta, loss_type, eps, rpo_alpha):
             counts.append(len(token_logps))
         sides[side] = (torch.stack(sums), torch.tensor(counts, dtype=torch.float32))
     (chosen, n_chosen), (rejected, n_rejected) = sides["chosen"], sides["rejected"]
-    if loss_type == "ipo":  # IPO: log-probs averaged over the response's tokens
+    if loss_type in ("ipo", "simpo", "orpo"):  # log-probs averaged over the response's tokens
         chosen_s, rejected_s = chosen / n_chosen, rejected / n_rejected
     else:
         chosen_s, rejected_s = chosen, rejected
     h = (chosen_s - chosen_s.detach()) - (rejected_s - rejected_s.detach())
-    if loss_type == "ipo":
+    logsigmoid = torch.nn.functional.logsigmoid
+    if loss_type == "simpo":  # no reference: -log sigmoid(beta (a_w - a_l) - gamma), gamma 0.5
+        losses = -logsigmoid(beta * (chosen_s - rejected_s) - 0.5)
+    elif loss_type == "orpo":  # no reference: -lambda log sigmoid(log odds_w - log odds_l), odds = p / (1 - p)
+        p_w, p_l = chosen_s.exp(), rejected_s.exp()
+        losses = -beta * logsigmoid(torch.log(p_w / (1 - p_w)) - torch.log(p_l / (1 - p_l)))
+        rpo_alpha = 1.0  # and the chosen tokens' NLL, weight 1
+    elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         losses = -(1 - eps) * torch.nn.functional.logsigmoid(beta * h) - eps * torch.nn.functional.logsigmoid(-beta * h)
@@ -278,6 +350,45 @@ def test_cli_first_step_matches_the_objective_written_out(
     assert step1[0]["train/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
     if rpo_alpha:
         assert step1[0]["train/nll_chosen"] == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "orpo"])
+def test_cli_reference_free_first_step_matches_the_objective_written_out(
+    tmp_path, random_model_dir, chat_tokenizer, loss_type
+):
+    """SimPO and ORPO through the command line: no reference model is loaded (the banner says so) and step 1's
+    loss, NLL and gradient norm equal the objective written out on the length-averaged log-probs."""
+    data = _pairs_file(tmp_path / "train.jsonl", n=8)
+    proc = run_script(
+        ROOT / "dpo.py", "--model", random_model_dir, "--dataset", data, "--eval-dataset", data, "--eval-prompts", "",
+        "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "4", "--dtype", "float32",
+        "--output-dir", tmp_path, "--run-name", "run", "--loss-type", loss_type, "--beta", "2.0",
+    )  # fmt: skip
+    assert f"reference-free ({loss_type}): no reference model" in proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    step1 = next(r for r in rows if "train/loss" in r)
+    assert not any("kl_to_init" in k for r in rows for k in r)  # no reference, no log-ratio drift
+    loss, nll, grad_norm = _naive_first_step(
+        random_model_dir, load_preference_dataset(data, chat_tokenizer, 1024), 2.0, loss_type, 0.0, None
+    )
+    assert step1["train/loss"] == pytest.approx(loss, rel=1e-5)
+    assert step1["train/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    if loss_type == "orpo":
+        assert step1["train/nll_chosen"] == pytest.approx(nll, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--loss-type", "simpo", "--precompute-ref"], "--precompute-ref: --loss-type simpo uses no reference model"),
+        (["--loss-type", "orpo", "--rpo-alpha", "1"], "--rpo-alpha: --loss-type orpo has its own NLL term"),
+        (["--loss-type", "robust"], "--loss-type robust needs --label-smoothing > 0"),
+        (["--loss-type", "hinge", "--label-smoothing", "0.1"], "--label-smoothing applies to --loss-type sigmoid"),
+    ],
+)
+def test_loss_family_flag_errors(flags, message):
+    proc = run_script(ROOT / "dpo.py", *flags, check=False)
+    assert proc.returncode != 0 and message in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
