@@ -4,6 +4,7 @@ steps, and against this machine's fp32 matmul rate.
     pip install -e ".[bench]"          # TRL, for this benchmark only (measured with trl 1.16.0)
     python benchmarks/vs_trl.py                      # everything (~35 minutes on 2 CPU cores)
     python benchmarks/vs_trl.py --only sft --runs 3
+    python benchmarks/vs_trl.py --head-only          # the LM head's forward + backward alone at SFT's step size
 
 The model: a random Qwen3-shaped model (H=256, 4 layers, 4 heads x 64, MLP 768, tied embeddings, V=151,936 rows) with
 a byte-level BPE tokenizer of 151,669 entries trained offline (benchmarks/tokenization.py's, with the tiny world's
@@ -55,6 +56,9 @@ class Args:
     """optimizer steps per run (the first is a warm-up, not in the medians)"""
     only: tuple[str, ...] = ("sft", "dpo", "grpo")
     """which comparisons to run"""
+    head_only: bool = False
+    """only time our LM head (`chunked_logprobs`) forward + backward on 2,600 rows (an SFT step's tokens here) and
+    one plain [2600, 256] x [256, 151936] matmul, best of 3: how much of SFT's step the head is"""
     child: str | None = None
     """internal: run one TRL variant in this process (NAME), writing its step times to --child-out"""
     child_out: str | None = None
@@ -149,6 +153,34 @@ def sft_flops_per_token(work: Path, model_dir: Path) -> float:
     dense = 6 * (LAYERS * per_layer + ROWS * HIDDEN)
     mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
     return dense + 3 * LAYERS * 4 * HEADS * HEAD_DIM * mean_context
+
+
+def head_seconds(rows: int = 2600) -> tuple[float, float]:
+    """(chunked_logprobs forward + backward, one plain head matmul) in seconds at this benchmark's head, best of 3."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from common.logprobs import chunked_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, HIDDEN, requires_grad=True)
+    weight = (torch.randn(ROWS, HIDDEN) * 0.02).requires_grad_()
+    targets = torch.randint(0, ROWS, (rows,))
+
+    def head():
+        hidden.grad = weight.grad = None
+        t0 = time.perf_counter()
+        chunked_logprobs(hidden, weight, targets).sum().backward()
+        return time.perf_counter() - t0
+
+    def matmul():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hidden @ weight.T
+        return time.perf_counter() - t0
+
+    head(), matmul()  # warm-up
+    return min(head() for _ in range(3)), min(matmul() for _ in range(3))
 
 
 def matmul_rate(m: int = 2048, k: int = 2048, n: int = 2048) -> float:
@@ -344,6 +376,10 @@ def main(args: Args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
         trl_child(args.child, work, args.steps, Path(args.child_out))
+        return
+    if args.head_only:
+        head, matmul = head_seconds()
+        print(f"LM head forward + backward on 2,600 rows: {head:.2f} s; one plain head matmul: {matmul:.2f} s")
         return
     import torch
     import transformers
