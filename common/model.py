@@ -167,53 +167,47 @@ def load_model(
     device and its weights are left to `wrap`, which reads from the safetensors files only the rows of each tensor
     that this process's FSDP2 shard holds (see `_deferred_load`). No process ever holds the whole model, so a
     model that fits only when sharded loads at all. Nothing may touch the weights between the two calls. One
-    process, or a checkpoint this reader cannot map onto the model (see `_shard_readable`): an ordinary load."""
+    process, or a checkpoint this reader cannot map onto the model: an ordinary load."""
     _check_source(name_or_path, "--model")
     device = torch.device(device) if device is not None else default_device()
     torch_dtype = resolve_dtype(dtype, device)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    model = None  # on the meta device, its weights left to dist.wrap, when sharded loading applies
     if sharded_load and dist.world_size() > 1 and not on_host:
         model = _deferred_load(name_or_path, model_class, torch_dtype, device, kwargs)
-        if model is not None:
-            model._cleanpost_disk_dtype = _config_dtype(name_or_path, **kwargs) or torch_dtype
-            model._cleanpost_pure = is_pure(dtype)
-            disable_dropout(model)
-            if model_class is AutoModelForCausalLM:  # checked by `wrap` once the weights are there
-                model._cleanpost_check_head = name_or_path
-            _enable_checkpointing(model, gradient_checkpointing)
-            return model
-    try:
-        model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if attn_implementation and "attn" in str(e).lower():
-            die(f"--attn-implementation {attn_implementation!r} cannot be used with {name_or_path!r}: {reason}")
-        die(
-            f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the hub): "
-            f"{reason}"
-        )
+    deferred = model is not None
+    if not deferred:
+        try:
+            model = model_class.from_pretrained(name_or_path, dtype=torch_dtype, **kwargs)
+        except (OSError, ValueError, ImportError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if attn_implementation and "attn" in str(e).lower():
+                die(f"--attn-implementation {attn_implementation!r} cannot be used with {name_or_path!r}: {reason}")
+            die(
+                f"cannot load model {name_or_path!r} (not a local checkpoint directory, and not loadable from the "
+                f"hub): {reason}"
+            )
     model._cleanpost_disk_dtype = _config_dtype(name_or_path, **kwargs) or torch_dtype
     model._cleanpost_pure = is_pure(dtype)
     disable_dropout(model)
-    if not on_host:
+    if not (on_host or deferred):
         model.to(device)
     if model_class is AutoModelForCausalLM:  # every script computes log-probs through the fused head
-        from common.logprobs import check_fused_head
+        if deferred:
+            model._cleanpost_check_head = name_or_path  # checked by `wrap` once the weights are there
+        else:
+            from common.logprobs import check_fused_head
 
-        check_fused_head(model, name_or_path)
-    _enable_checkpointing(model, gradient_checkpointing)
-    return model
-
-
-def _enable_checkpointing(model, enabled: bool) -> None:
-    if enabled:
+            check_fused_head(model, name_or_path)
+    if gradient_checkpointing:
         kwargs = {"use_reentrant": False}
         if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.2x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -354,7 +348,7 @@ def _deferred_load(name_or_path: str, model_class, torch_dtype, device, kwargs) 
     for name, param in model.named_parameters():
         candidates = [name, name.removeprefix(prefix + "."), f"{prefix}.{name}"]
         found = next((c for c in candidates if c in reader.entries), None)
-        if found is not None and reader.shape(found) == tuple(param.shape) and reader.entries[found][2] is not None:
+        if found is not None and reader.shape(found) == tuple(param.shape) and reader.dtype(found) is not None:
             sources[name] = found
         elif name.startswith(prefix + ".") or found is not None:
             return None  # the body does not match the checkpoint as stored: transformers maps it
