@@ -37,8 +37,7 @@ class Args:
 
 
 def build(tmp: Path) -> tuple[Path, Path]:
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from qwen3_shape import small_qwen3
 
     sys.path.insert(0, str(ROOT))
     from common.model import load_tokenizer
@@ -50,22 +49,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
     model_dir = tmp / "model"
     assets.build_tokenizer(model_dir)
     tokenizer = load_tokenizer(str(model_dir))
-    config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(model_dir)
+    small_qwen3(len(tokenizer), tokenizer).save_pretrained(model_dir)
     rng = random.Random(0)
     turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     text = tokenizer.apply_chat_template(turns, tokenize=False)

@@ -42,7 +42,7 @@ from pathlib import Path
 import tyro
 
 ROOT = Path(__file__).resolve().parent.parent
-HIDDEN, LAYERS, HEADS, HEAD_DIM, MLP, ROWS, VOCAB = 256, 4, 4, 64, 768, 151_936, 151_669
+ROWS, VOCAB = 151_936, 151_669  # the model's head rows and the tokenizer's entries, as Qwen3's
 BATCH, MAX_LENGTH = 8, 512
 
 
@@ -74,8 +74,8 @@ def build(work: Path) -> Path:
     model_dir = work / "model"
     if (model_dir / "model.safetensors").exists():
         return model_dir
-    import torch
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from qwen3_shape import small_qwen3
+    from transformers import AutoTokenizer
 
     spec = importlib.util.spec_from_file_location("tokenization_bench", ROOT / "benchmarks" / "tokenization.py")
     tokenization = importlib.util.module_from_spec(spec)
@@ -85,22 +85,7 @@ def build(work: Path) -> Path:
     tokenization.make_bpe(model_dir, VOCAB)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert len(tokenizer) <= ROWS, len(tokenizer)
-    config = Qwen3Config(
-        vocab_size=ROWS,
-        hidden_size=HIDDEN,
-        intermediate_size=MLP,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=HEADS,
-        head_dim=HEAD_DIM,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(config).save_pretrained(model_dir)
+    small_qwen3(ROWS, tokenizer).save_pretrained(model_dir)  # H=256, 4 layers, 4 heads x 64, MLP 768
 
     rng = random.Random(0)
     words = sorted(w for w in tokenizer.get_vocab() if w.isascii() and w.isalpha() and len(w) > 2)[:20_000]
@@ -138,10 +123,12 @@ def build(work: Path) -> Path:
 
 
 def sft_flops_per_token(work: Path, model_dir: Path) -> float:
-    """Training FLOPs per token of sft at this data: 6 x (matmul parameters of the layers + the head), plus causal
-    attention (QK^T and AV: 4 x heads x head_dim x the mean context per token, x 3 for forward and backward)."""
-    from transformers import AutoTokenizer
+    """Training FLOPs per token of sft at this data, from the model's config: 6 x (matmul parameters of the layers +
+    the head), plus causal attention (QK^T and AV: 4 x heads x head_dim x the mean context per token, x 3 for
+    forward and backward)."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    c = AutoConfig.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rendered = [
         tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False)
@@ -149,22 +136,25 @@ def sft_flops_per_token(work: Path, model_dir: Path) -> float:
     ]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in rendered]
     lengths = [min(n, MAX_LENGTH) for n in lengths]
-    per_layer = 4 * HIDDEN * HEADS * HEAD_DIM + 3 * HIDDEN * MLP  # q, k, v, o; gate, up, down
-    dense = 6 * (LAYERS * per_layer + ROWS * HIDDEN)
+    attention_width = c.num_attention_heads * c.head_dim
+    kv_width = c.num_key_value_heads * c.head_dim
+    per_layer = c.hidden_size * (2 * attention_width + 2 * kv_width) + 3 * c.hidden_size * c.intermediate_size
+    dense = 6 * (c.num_hidden_layers * per_layer + c.vocab_size * c.hidden_size)  # q, o, k, v; gate, up, down; head
     mean_context = sum(n * (n + 1) / 2 for n in lengths) / sum(lengths)
-    return dense + 3 * LAYERS * 4 * HEADS * HEAD_DIM * mean_context
+    return dense + 3 * c.num_hidden_layers * 4 * attention_width * mean_context
 
 
-def head_seconds(rows: int = 2600) -> tuple[float, float]:
-    """(chunked_logprobs forward + backward, one plain head matmul) in seconds at this benchmark's head, best of 3."""
+def head_seconds(hidden_size: int, rows: int = 2600) -> tuple[float, float]:
+    """(chunked_logprobs forward + backward, one plain head matmul) in seconds at this benchmark's head (ROWS x
+    `hidden_size`), best of 3."""
     import torch
 
     sys.path.insert(0, str(ROOT))
     from common.logprobs import chunked_logprobs
 
     torch.manual_seed(0)
-    hidden = torch.randn(rows, HIDDEN, requires_grad=True)
-    weight = (torch.randn(ROWS, HIDDEN) * 0.02).requires_grad_()
+    hidden = torch.randn(rows, hidden_size, requires_grad=True)
+    weight = (torch.randn(ROWS, hidden_size) * 0.02).requires_grad_()
     targets = torch.randint(0, ROWS, (rows,))
 
     def head():
@@ -377,21 +367,23 @@ def main(args: Args) -> None:
     if args.child:
         trl_child(args.child, work, args.steps, Path(args.child_out))
         return
-    if args.head_only:
-        head, matmul = head_seconds()
-        print(f"LM head forward + backward on 2,600 rows: {head:.2f} s; one plain head matmul: {matmul:.2f} s")
-        return
     import torch
     import transformers
-    import trl as trl_package
 
     model_dir = build(work)
-    rate, head_tile_rate = matmul_rate(), matmul_rate(2400, HIDDEN, 2048)
+    hidden_size = transformers.AutoConfig.from_pretrained(model_dir).hidden_size
+    if args.head_only:
+        head, matmul = head_seconds(hidden_size)
+        print(f"LM head forward + backward on 2,600 rows: {head:.2f} s; one plain head matmul: {matmul:.2f} s")
+        return
+    import trl as trl_package
+
+    rate, head_tile_rate = matmul_rate(), matmul_rate(2400, hidden_size, 2048)
     flops = sft_flops_per_token(work, model_dir)
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, TRL {trl_package.__version__}; "
         f"{torch.get_num_threads()} threads; fp32 matmul rate {rate / 1e9:.1f} GFLOP/s (2048^3), "
-        f"{head_tile_rate / 1e9:.1f} GFLOP/s at the head's tile shape (2400 x {HIDDEN} x 2048); "
+        f"{head_tile_rate / 1e9:.1f} GFLOP/s at the head's tile shape (2400 x {hidden_size} x 2048); "
         f"sft FLOPs/token {flops / 1e6:.1f} M\n",
         flush=True,
     )
