@@ -11,6 +11,11 @@ functions and normalizes each reward within its group:
     python grpo.py --model Qwen/Qwen3-0.6B --dataset gsm8k.jsonl --reward-fn math --group-size 8 \\
         --prompts-per-step 32 --max-new-tokens 512 --micro-batch-size 8 --eval-prompts gsm8k_test.jsonl
 
+Variants (each a flag, each a pure function below with its formula): `--importance-sampling-level sequence` is GSPO
+(arXiv 2507.18071: one clipped ratio per completion); `--loss-type cispo` is MiniMax-M1's CISPO (arXiv 2506.13585: a
+clipped, stop-gradient weight on a REINFORCE term); `--advantage rloo | reinforce++` replace the group-mean baseline;
+`--overlong-buffer` is DAPO's soft overlong punishment; `--reward-fn math` uses math-verify when it is installed.
+
 Departures and choices (each a flag): `--loss-agg token-mean` by default (DAPO, arXiv 2503.14476), where the paper
 averages per sequence first (`seq-mean-token-mean`); `--scale-rewards none` with `seq-mean-token-sum-norm` is
 Dr. GRPO (arXiv 2503.20783); `--epsilon-high` is DAPO's clip-higher; `--beta 0` (the default, as in DAPO and Dr.
@@ -114,7 +119,8 @@ class Args:
     target_skill: str = TARGET_SKILL
     """the skill reported as eval/accuracy; the other skills make eval/general_accuracy"""
     reward_fn: list[str] = field(default_factory=lambda: ["tiny_world"])
-    """reward functions: built-in tiny_world | math | format, or module:function; several are summed"""
+    """reward functions: built-in tiny_world | math (math-verify when installed: pip install -e ".[math]"; else a
+    hand-written GSM8K-style number check) | format, or module:function; several are summed"""
     reward_weights: list[float] | None = None
     """one weight per --reward-fn (default: all 1)"""
     # rollouts
@@ -181,10 +187,20 @@ class Args:
     # algorithm
     num_iterations: int = 1
     """policy updates per rollout batch (mu); >1 makes the importance ratio and clipping matter"""
-    epsilon: float = 0.2
-    """lower clip range: ratio >= 1 - epsilon"""
-    epsilon_high: float = 0.28
-    """upper clip range: ratio <= 1 + epsilon_high (clip-higher, see DAPO; = epsilon for symmetric PPO clipping)"""
+    loss_type: Literal["grpo", "cispo"] = "grpo"
+    """grpo: PPO's clipped surrogate, -min(rho A, clip(rho) A); cispo (MiniMax-M1): -sg(min(rho, --cispo-max-weight))
+    A log pi, a clipped constant weight on a REINFORCE term, so clipping drops no token's gradient"""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """token: one ratio rho_t per token; sequence: GSPO, one ratio per completion, exp of the mean token log-ratio,
+    clipped per completion (with GSPO's clip range and per-sequence averaging as the defaults below)"""
+    epsilon: float | None = None
+    """lower clip range of --loss-type grpo: ratio >= 1 - epsilon (default 0.2; 3e-4 with
+    --importance-sampling-level sequence, GSPO's)"""
+    epsilon_high: float | None = None
+    """upper clip range of --loss-type grpo: ratio <= 1 + epsilon_high (clip-higher, see DAPO; = epsilon for symmetric
+    PPO clipping; default 0.28; 4e-4 with --importance-sampling-level sequence, GSPO's)"""
+    cispo_max_weight: float = 5.0
+    """--loss-type cispo: the cap of the importance weight, min(rho, this) (ScaleRL's eps_max; no lower bound)"""
     beta: float = 0.0
     """KL penalty coefficient (k3 to the reference); 0 loads no reference model on the accelerator"""
     shard_frozen: bool = False
@@ -193,12 +209,22 @@ class Args:
     kl_every: int = 10
     """with --beta 0: measure the KL to the initial policy every N steps (its weights wait in host memory and visit
     the accelerator for one forward over the rollout; 0 disables)"""
-    scale_rewards: Literal["group", "batch", "none"] = "group"
-    """divide advantages by the group std (GRPO), the batch std, or nothing (Dr. GRPO)"""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO: / max_new_tokens)"""
+    advantage: Literal["group", "rloo", "reinforce++"] = "group"
+    """the baseline: group = r - mean of the group (GRPO); rloo = r - mean of the group's other completions
+    (leave-one-out); reinforce++ = (r - batch mean) / batch std over all completion tokens, no group statistics"""
+    scale_rewards: Literal["group", "batch", "none"] | None = None
+    """divide group/rloo advantages by the group std (GRPO), the batch std, or nothing (Dr. GRPO); default: group
+    for --advantage group, none for rloo (reinforce++ normalizes by the batch itself)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO: / max_new_tokens);
+    default: token-mean, or seq-mean-token-mean with --importance-sampling-level sequence (GSPO's objective)"""
     mask_truncated: bool = False
     """drop completions cut at max_new_tokens from the loss (DAPO overlong filtering)"""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: the last N tokens of --max-new-tokens cost a reward penalty growing linearly
+    to --overlong-penalty at the budget (0: off); logged as rollout/overlong_penalty"""
+    overlong_penalty: float = 1.0
+    """the penalty at the budget (a completion cut at --max-new-tokens gets -this), with --overlong-buffer"""
     # evaluation and checkpoints
     eval_every: int = 25
     """evaluate every N steps (0: only before the first and after the last step)"""
@@ -225,11 +251,54 @@ def group_advantages(
     `batch_rewards`: what the `batch` scale's std is taken over (all processes' rewards; default `rewards`)."""
     grouped = rewards.view(-1, group_size)  # (B, G)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
+    return _scale(centered, grouped, rewards, scale, eps, batch_rewards)
+
+
+def rloo_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str, eps: float = 1e-4, batch_rewards: torch.Tensor | None = None
+) -> torch.Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): each completion's baseline is the mean reward of the other
+    G - 1 completions of its prompt, A_i = r_i - 1/(G-1) sum_{j != i} r_j = G/(G-1) (r_i - mean(r_group)): an
+    unbiased baseline (it does not depend on y_i). (B*G,) -> (B*G,); `scale` as in `group_advantages`."""
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    centered = grouped - (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return _scale(centered, grouped, rewards, scale, eps, batch_rewards)
+
+
+def _scale(centered, grouped, rewards, scale, eps, batch_rewards):
     if scale == "group":
         centered = centered / (grouped.std(dim=1, keepdim=True) + eps)
     elif scale == "batch":
         centered = centered / ((rewards if batch_rewards is None else batch_rewards).std() + eps)
     return centered.reshape(-1)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor,
+    lengths: torch.Tensor,
+    eps: float = 1e-4,
+    batch_rewards: torch.Tensor | None = None,
+    batch_lengths: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025, arXiv 2501.03262) with an outcome reward: no group baseline, no group std; the
+    advantage of every token is normalized over all completion tokens of the global batch,
+        A_i = (r_i - mu) / (sigma + eps),  mu = sum_j len_j r_j / sum_j len_j,  sigma^2 = sum_j len_j (r_j - mu)^2 / sum_j len_j
+    (each completion's reward weighted by its token count, as the paper whitens per-token advantages).
+    rewards, lengths (B*G,); `batch_*`: all processes' (default: these)."""
+    r = rewards if batch_rewards is None else batch_rewards
+    w = (lengths if batch_lengths is None else batch_lengths).float()
+    mu = (w * r).sum() / w.sum().clamp_min(1)
+    sigma = ((w * (r - mu) ** 2).sum() / w.sum().clamp_min(1)).sqrt()
+    return (rewards - mu) / (sigma + eps)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13), added to the reward: 0 for a completion of
+    |y| <= L - buffer tokens, then linear down to -penalty at the budget L = max_new_tokens:
+        R_len(y) = -penalty * (|y| - (L - buffer)) / buffer   for L - buffer < |y| <= L
+    (a completion cut at the budget has |y| = L and gets -penalty). lengths (N,) -> (N,)."""
+    start = max_new_tokens - buffer
+    return -penalty * (lengths.float() - start).clamp(0, buffer) / buffer
 
 
 def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -238,18 +307,55 @@ def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
-def grpo_token_loss(logps, old_logps, advantages, epsilon, epsilon_high, ref_logps=None, beta=0.0):
-    """Per-token loss (B, L) and clip indicators. logps/old_logps/ref_logps (B, L), advantages (B,)."""
-    ratio = torch.exp(logps - old_logps)  # (B, L)
+def importance_log_ratio(logps, old_logps, mask, level: str) -> torch.Tensor:
+    """log rho: per token (B, L), log pi(y_t|.) - log pi_old(y_t|.); or GSPO's per sequence (B, 1) (arXiv 2507.18071,
+    eq. 7), the length-normalized sum over the sequence's tokens, log s_i = 1/|y_i| sum_t log(pi(y_t|.) / pi_old(y_t|.)).
+    Its gradient spreads s_i A_i evenly over the sequence's tokens: grad s_i = s_i / |y_i| sum_t grad log pi(y_t|.)."""
+    log_ratio = logps - old_logps
+    if level == "token":
+        return log_ratio
+    mask = mask.to(log_ratio.dtype)
+    return (log_ratio * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp_min(1)
+
+
+def grpo_token_loss(
+    logps,
+    old_logps,
+    advantages,
+    epsilon,
+    epsilon_high,
+    ref_logps=None,
+    beta=0.0,
+    *,
+    mask=None,
+    level="token",
+    loss_type="grpo",
+    cispo_max_weight=5.0,
+):
+    """Per-token loss (B, L) and clip indicators (B, L). logps/old_logps/ref_logps/mask (B, L), advantages (B,).
+      grpo:  -min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A)   (rho per token, or per sequence: GSPO)
+      cispo: -sg(min(rho, cispo_max_weight)) A log pi(y_t|.)  (MiniMax-M1, arXiv 2506.13585, eq. 4: the clipped
+             weight is a constant, so every token keeps its REINFORCE gradient; no lower bound, as the paper's
+             eps_low is set large, and the upper bound is ScaleRL's eps_max, arXiv 2510.13786)
+    plus beta * k3 to the reference per token. The indicators mark tokens whose weight the clip changed: with grpo
+    their gradient is zero; with cispo it is only scaled down."""
+    log_ratio = importance_log_ratio(logps, old_logps, mask, level)  # (B, L) or (B, 1)
+    ratio = torch.exp(log_ratio)
     adv = advantages[:, None]
-    unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
-    loss = -torch.minimum(unclipped, clipped)
+    if loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=cispo_max_weight).detach() * adv * logps
+        clipped_low = torch.zeros_like(ratio, dtype=torch.bool)
+        clipped_high = (ratio > cispo_max_weight) & (adv > 0)
+    else:
+        unclipped = ratio * adv
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high) * adv
+        loss = -torch.minimum(unclipped, clipped)
+        clipped_low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active (gradient zero) on these tokens
+        clipped_high = (ratio > 1 + epsilon_high) & (adv > 0)
+    loss = loss.expand_as(logps)  # GSPO: the sequence's loss on each of its tokens (aggregated by --loss-agg)
     if beta != 0.0:
         loss = loss + beta * k3_kl(logps, ref_logps)
-    clipped_low = (ratio < 1 - epsilon) & (adv < 0)  # the clip is active (gradient zero) on these tokens
-    clipped_high = (ratio > 1 + epsilon_high) & (adv > 0)
-    return loss, clipped_low, clipped_high
+    return loss, clipped_low.expand_as(logps), clipped_high.expand_as(logps)
 
 
 def aggregation_weights(
@@ -273,6 +379,34 @@ def aggregation_weights(
 
 # PLUMBING
 
+
+def algorithm_defaults(args: Args) -> dict:
+    """The defaults that depend on other flags, checked and resolved once (saved in args.json, so a resume keeps them):
+    GSPO's clip range (3e-4, 4e-4) and per-sequence averaging with --importance-sampling-level sequence, else PPO's
+    (0.2, clip-higher 0.28) and DAPO's token mean; the group std for --advantage group, none for rloo."""
+    seq = args.importance_sampling_level == "sequence"
+    if args.loss_type == "cispo" and (args.epsilon is not None or args.epsilon_high is not None):
+        die("--epsilon/--epsilon-high clip --loss-type grpo's ratio; cispo caps its weight with --cispo-max-weight")
+    if args.cispo_max_weight <= 0:
+        die(f"--cispo-max-weight must be positive, got {args.cispo_max_weight}")
+    if args.advantage == "reinforce++" and args.scale_rewards not in (None, "none"):
+        die("--advantage reinforce++ divides by the batch's std itself; --scale-rewards applies to group and rloo")
+    if not 0 <= args.overlong_buffer < args.max_new_tokens:
+        die(f"--overlong-buffer {args.overlong_buffer} must be in [0, --max-new-tokens {args.max_new_tokens})")
+    if args.overlong_penalty < 0:
+        die(f"--overlong-penalty must be >= 0 (it is subtracted), got {args.overlong_penalty}")
+    values = {}
+    if args.loss_type == "grpo" and args.epsilon is None:
+        values["epsilon"] = 3e-4 if seq else 0.2
+    if args.loss_type == "grpo" and args.epsilon_high is None:
+        values["epsilon_high"] = 4e-4 if seq else 0.28
+    if args.loss_agg is None:
+        values["loss_agg"] = "seq-mean-token-mean" if seq else "token-mean"
+    if args.scale_rewards is None:
+        values["scale_rewards"] = "group" if args.advantage == "group" else "none"
+    return values
+
+
 SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")  # a rollout's (N, ...) tensors
 
 
@@ -290,6 +424,7 @@ def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
     args, ckpt, run_dir = open_run(args, "grpo")  # a new run directory, or --resume's run and saved flags
+    args = update_args(run_dir, "grpo", args, **algorithm_defaults(args))  # clip ranges etc. that depend on flags
     if args.vllm:
         require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
@@ -374,7 +509,9 @@ def main(args: Args) -> None:
         f"{max(1, local_batch // args.micro_batch_size)} micro-batches/optimizer step"
         + (f" in each of {world} processes" if world > 1 else "")
         + ", "
-        f"reference {'in the loss' if args.beta else 'KL probe from host memory' if ref else 'none'}"
+        f"reference {'in the loss' if args.beta else 'KL probe from host memory' if ref else 'none'}  |  "
+        f"loss {args.loss_type} ({args.importance_sampling_level} ratios, {args.loss_agg}), advantage {args.advantage}"
+        + (f" / {args.scale_rewards} std" if args.advantage != "reinforce++" else "")
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )
     tracker.write(train.describe(data_opts))
@@ -423,7 +560,11 @@ def main(args: Args) -> None:
             answers = [r["answer"] for r in batch for _ in range(args.group_size)]
             prompt_list = [r["prompt"] for r in batch for _ in range(args.group_size)]
             rewards, per_fn = compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, out["texts"], answers)
-            rewards = torch.tensor(rewards).view(-1, args.group_size)  # (B, G)
+            penalty = torch.zeros(len(rewards))  # DAPO's soft overlong punishment, part of the reward
+            if args.overlong_buffer:
+                lengths = out["completion_mask"].sum(1)
+                penalty = overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer, args.overlong_penalty)
+            rewards = (torch.tensor(rewards) + penalty).view(-1, args.group_size)  # (B, G)
             for g in range(len(batch)):
                 n_groups_seen += 1
                 zero_std = bool(rewards[g].std() == 0)  # no signal: every advantage in the group is 0
@@ -434,6 +575,7 @@ def main(args: Args) -> None:
                     rows = slice(g * args.group_size, (g + 1) * args.group_size)
                     group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated", "sampler_logps")}
                     group["rewards"] = rewards[g]
+                    group["overlong_penalty"] = penalty[rows]
                     group["per_fn"] = {k: v[rows] for k, v in per_fn.items()}
                     groups.append(group)
             if len(groups) == len(batch):
@@ -451,9 +593,15 @@ def main(args: Args) -> None:
         rollout = _stack_groups(groups, tokenizer.pad_token_id)  # dicts of (N, ...) tensors, N = len(groups) * G
         n = rollout["rewards"].shape[0]
         all_rewards = dist.all_gather(rollout["rewards"])  # every process's, for the batch std and the metrics
-        advantages = group_advantages(
-            rollout["rewards"], args.group_size, args.scale_rewards, batch_rewards=all_rewards
-        )  # (N,)
+        lengths = rollout["completion_mask"].sum(1)  # (N,)
+        all_lengths = dist.all_gather(lengths.float())
+        if args.advantage == "reinforce++":
+            advantages = reinforce_pp_advantages(
+                rollout["rewards"], lengths, batch_rewards=all_rewards, batch_lengths=all_lengths
+            )  # (N,)
+        else:
+            estimator = group_advantages if args.advantage == "group" else rloo_advantages
+            advantages = estimator(rollout["rewards"], args.group_size, args.scale_rewards, batch_rewards=all_rewards)
         loss_mask = rollout["completion_mask"].clone()  # (N, L)
         if args.mask_truncated:
             loss_mask[rollout["truncated"]] = 0
@@ -513,7 +661,17 @@ def main(args: Args) -> None:
                         trainer_logps[mb] = old.to(trainer_logps.device)
                     ref_mb = ref_logps[mb] if (ref_logps is not None and args.beta != 0) else None
                     tok_loss, low, high = grpo_token_loss(
-                        logps, old, advantages[mb].to(device), args.epsilon, args.epsilon_high, ref_mb, args.beta
+                        logps,
+                        old,
+                        advantages[mb].to(device),
+                        args.epsilon,
+                        args.epsilon_high,
+                        ref_mb,
+                        args.beta,
+                        mask=mb_mask,
+                        level=args.importance_sampling_level,
+                        loss_type=args.loss_type,
+                        cispo_max_weight=args.cispo_max_weight,
                     )
                     w_is, _ = rollout_correction(  # the sampler/trainer mismatch (1 with --is-correction none)
                         old, rollout["sampler_logps"][mb].to(device), mb_mask, correction, args.is_cap
@@ -569,7 +727,7 @@ def main(args: Args) -> None:
             )
 
         r = all_rewards
-        lengths = dist.all_gather(rollout["completion_mask"].sum(1).float())
+        lengths = all_lengths
         per_fn = {k: dist.all_gather(torch.tensor(v, dtype=torch.float64)) for k, v in rollout["per_fn"].items()}
         metrics.update(
             {
@@ -580,6 +738,11 @@ def main(args: Args) -> None:
                 "rollout/completion_len_max": lengths.max().item(),
                 "rollout/truncated_frac": dist.all_gather(rollout["truncated"].float()).mean().item(),
                 "rollout/zero_std_frac": n_zero_std / max(1, n_groups_seen),
+                **(
+                    {"rollout/overlong_penalty": dist.all_gather(rollout["overlong_penalty"]).mean().item()}
+                    if args.overlong_buffer
+                    else {}
+                ),
                 **{f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v},  # none if every update was skipped
                 "train/skipped_updates": skipped,
                 "train/lr": lr,
@@ -626,6 +789,7 @@ def _stack_groups(groups: list[dict], pad_id: int) -> dict:
         ),
         "sampler_logps": torch.cat([pad(g["sampler_logps"], (0, L - g["sampler_logps"].shape[1])) for g in groups]),
         "truncated": torch.cat([g["truncated"] for g in groups]),
+        "overlong_penalty": torch.cat([g["overlong_penalty"] for g in groups]),
         "rewards": torch.cat([g["rewards"] for g in groups]).float(),
         "per_fn": {k: [x for g in groups for x in g["per_fn"][k]] for k in groups[0]["per_fn"]},
     }

@@ -5,7 +5,8 @@ A reward function has the signature
     def my_reward(prompts: list, completions: list[str], answers: list) -> list[float]
 
 (one float per completion; `prompts` are the records' prompts, `answers` their `answer` fields). Built-in names:
-`tiny_world` (exact answer after normalization), `math` (final-answer check for GSM8K-style data), `format` (a final
+`tiny_world` (exact answer after normalization), `math` (final-answer check: math-verify when installed, else a
+hand-written parser for GSM8K-style numbers), `format` (a final
 answer is marked with `\\boxed{...}` or `#### ...`). Anything else is `module:function`, imported from the
 current directory or the Python path.
 """
@@ -72,8 +73,39 @@ def normalize_number(text: str | None) -> Fraction | None:
 
 
 def math_reward(prompts, completions, answers) -> list[float]:
-    """1.0 when the completion's final answer equals the reference's numerically (GSM8K `#### 42` or `\\boxed{}`
-    references; commas, signs, trailing `.0`, `$` and simple fractions normalized), else 0.0."""
+    """1.0 when the completion's final answer equals the reference's, else 0.0. With math-verify installed
+    (`pip install -e ".[math]"`, Hugging Face's verifier): the reference's `#### ...` tail or the whole answer, and
+    the completion's last `\\boxed{}` (else its `#### ...` tail, else what math-verify extracts), compared
+    symbolically by math-verify (fractions, roots, sets, intervals, equations, percentages, units). Without it, the
+    hand-written parser `hand_math_reward`. tests/test_grpo.py's table of answer pairs shows where the two differ."""
+    verifier = _math_verify()
+    if verifier is None:
+        return hand_math_reward(prompts, completions, answers)
+    parse, verify = verifier
+    out = []
+    for completion, answer in zip(completions, answers):
+        gold = str(answer)
+        gold = gold.rsplit("####", 1)[1].strip() if "####" in gold else gold.strip()
+        gold = gold if "\\boxed" in gold else f"\\boxed{{{gold}}}"  # a bare reference is read as LaTeX
+        if _boxed(completion) is None and "####" in completion:
+            completion = completion.rsplit("####", 1)[1].strip()
+        out.append(float(verify(parse(gold), parse(completion))))
+    return out
+
+
+def _math_verify():
+    """math-verify's (parse, verify), or None when it is not installed."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return None
+    return parse, verify
+
+
+def hand_math_reward(prompts, completions, answers) -> list[float]:
+    """The hand-written check (no dependency): 1.0 when the completion's final answer equals the reference's
+    numerically (GSM8K `#### 42` or `\\boxed{}` references; commas, signs, trailing `.0`, `$` and simple fractions
+    normalized), else 0.0."""
     out = []
     for completion, answer in zip(completions, answers):
         gold = normalize_number(extract_final_answer(str(answer)))

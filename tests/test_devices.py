@@ -37,7 +37,15 @@ def test_ppo_functions_stay_on_the_device_of_their_inputs():
 
 
 def test_grpo_functions_stay_on_the_device_of_their_inputs():
-    from grpo import aggregation_weights, group_advantages, grpo_token_loss, k3_kl
+    from grpo import (
+        aggregation_weights,
+        group_advantages,
+        grpo_token_loss,
+        k3_kl,
+        overlong_penalty,
+        reinforce_pp_advantages,
+        rloo_advantages,
+    )
 
     B, G, L = 2, 4, 5
     advantages = group_advantages(meta(B * G), G, "group")
@@ -45,6 +53,14 @@ def test_grpo_functions_stay_on_the_device_of_their_inputs():
     assert group_advantages(meta(B * G), G, "batch", batch_rewards=meta(2 * B * G)).device == META
     loss, low, high = grpo_token_loss(meta(B * G, L), meta(B * G, L), advantages, 0.2, 0.28, meta(B * G, L), 0.04)
     assert loss.device == low.device == high.device == META
+    for kw in ({"level": "sequence", "mask": meta(B * G, L)}, {"loss_type": "cispo"}):
+        out = grpo_token_loss(meta(B * G, L), meta(B * G, L), advantages, 0.2, 0.28, **kw)
+        assert all(x.device == META and x.shape == (B * G, L) for x in out)
+    assert rloo_advantages(meta(B * G), G, "group").device == META
+    assert (
+        reinforce_pp_advantages(meta(B * G), meta(B * G), batch_rewards=meta(16), batch_lengths=meta(16)).device == META
+    )
+    assert overlong_penalty(meta(B * G), 8, 4, 1.0).device == META
     assert k3_kl(meta(3), meta(3)).device == META
     mask = meta(B * G, L)
     for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
