@@ -49,6 +49,7 @@ from common.data import (
     pair_micro_batches,
     prompt_budget,
 )
+from common.drift import Drift
 from common.logprobs import token_logprobs
 from common.model import (
     load_model,
@@ -166,6 +167,11 @@ class Args:
     reward on the target skill)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -253,11 +259,11 @@ def reference_logps(ref, pairs, micro_batch_size, pad_id, average, device) -> to
 def pair_metrics(
     prefix, losses, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, beta, reference=True
 ) -> dict:
-    """Means over the pairs of a step (or of the held-out set). kl_to_init: Schulman's k2 = (log pi/pi_ref)^2 / 2
+    """Means over the pairs of a step (or of the held-out set). pair_kl_k2: Schulman's k2 = (log pi/pi_ref)^2 / 2
     on the pairs' responses, a non-negative drift measure (a KL estimate only where responses are on-policy); not
     for a reference-free loss (`reference=False`), whose rewards are not log-ratios."""
     logratios = torch.cat([chosen_rewards, rejected_rewards]) / beta
-    kl = {f"{prefix}/kl_to_init": (0.5 * logratios**2).mean().item()} if reference else {}
+    kl = {f"{prefix}/pair_kl_k2": (0.5 * logratios**2).mean().item()} if reference else {}
     return {
         f"{prefix}/loss": losses.mean().item(),
         f"{prefix}/rewards_chosen": chosen_rewards.mean().item(),
@@ -346,6 +352,8 @@ def main(args: Args) -> None:
             torch.cuda.empty_cache()
         note = f"reference log-probs precomputed; reference model freed ({freed / 2**20:.1f} MB of weights)"
     model.train()
+    # eval/kl_to_init: against the live reference, else a host copy of the initial model visits for each evaluation
+    drift = Drift(args, eval_records, device, args.eval_max_new_tokens, initial=ref, on_accelerator=ref is not None)
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -416,7 +424,7 @@ def main(args: Args) -> None:
                     max_new_tokens=args.eval_max_new_tokens,
                 )
             )
-        return metrics
+        return {**metrics, **drift(model, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
     if start_step == 0:  # every run shows its starting point
         start = evaluation()

@@ -41,6 +41,7 @@ import tyro
 
 from common import die, dist
 from common.data import check_batch_sizes, data_options, fit_rollout_prompts, load_prompts
+from common.drift import Drift
 from common.generation import (
     correction_metrics,
     derive_seed,
@@ -235,6 +236,11 @@ class Args:
     """generation budget of the evaluation (default: --max-new-tokens)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -481,7 +487,9 @@ def main(args: Args) -> None:
     # Reference: on the accelerator when it is in the loss (beta > 0); otherwise in host memory for the KL probe,
     # in the compute dtype, streamed to the accelerator for each probe.
     ref = None
-    if args.beta != 0 or args.kl_every:  # args.model is the initial policy, also when resuming
+    if (
+        args.beta != 0 or args.kl_every or (eval_records and args.kl_prompts)
+    ):  # args.model is the initial policy, also when resuming
         ref = load_model(
             args.model,
             dtype=str(resolve_dtype(args.dtype, device)).removeprefix("torch."),  # the policy's compute dtype
@@ -502,6 +510,15 @@ def main(args: Args) -> None:
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(policy, device, optimizer)
         args = update_args(run_dir, "grpo", args, generation_max_tokens=budget)
+    drift = Drift(  # eval/kl_to_init against the reference (on the accelerator with --beta > 0, else from the host)
+        args,
+        eval_records,
+        device,
+        args.eval_max_new_tokens or args.max_new_tokens,
+        initial=ref,
+        on_accelerator=args.beta != 0,
+        max_tokens=args.generation_max_tokens,
+    )
     tracker = Tracker(run_dir, args, script="grpo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {rollout_size} completions/step, "
@@ -519,7 +536,7 @@ def main(args: Args) -> None:
     def evaluation() -> dict:
         if not eval_records:
             return {}
-        return evaluate(
+        metrics = evaluate(
             policy,
             tokenizer,
             eval_records,
@@ -530,6 +547,7 @@ def main(args: Args) -> None:
             max_tokens=args.generation_max_tokens,
             engine=engine,
         )
+        return {**metrics, **drift(policy, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
     if start_step == 0:
         start = evaluation()
@@ -608,7 +626,9 @@ def main(args: Args) -> None:
 
         # old log-probs = the rollout policy's: needed when the policy changes within the batch, and for the KL
         # to the initial policy on the probe steps; otherwise the ratio is exactly 1 and logps.detach() serves.
-        probe = ref is not None and (args.beta != 0 or step % args.kl_every == 0 or step + 1 == args.max_steps)
+        probe = ref is not None and (
+            args.beta != 0 or (args.kl_every and (step % args.kl_every == 0 or step + 1 == args.max_steps))
+        )
         need_old = args.num_iterations > 1 or local_batch < n or probe
         old_logps = (
             batched_logprobs(policy, rollout, args.temperature, args.micro_batch_size, device, vocab)

@@ -18,6 +18,7 @@ full Hugging Face model with W + s B A folded in.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -46,6 +47,7 @@ from common.data import (
     packed_micro_batches,
     prompt_budget,
 )
+from common.drift import Drift
 from common.logprobs import token_logprobs
 from common.model import (
     default_device,
@@ -167,6 +169,11 @@ class Args:
     reward on the target skill)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N (adapters + optimizer) every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -366,6 +373,32 @@ def lora_update_ratio(wrapped: dict[str, LoRALinear], base_norms: dict[str, floa
     return sum(ratios) / len(ratios)
 
 
+def lora_weight_drift(wrapped: dict[str, LoRALinear], initial_sq_norm: float) -> float:
+    """eval/weight_drift of a LoRA model: ||theta - theta_init||_F / ||theta_init||_F over every weight, where the
+    only change is each adapted layer's s B A (the rest is frozen): sqrt(sum_l s^2 ||B A||^2) / sqrt(initial_sq_norm),
+    ||B A||_F^2 = tr((B^T B)(A A^T)); `initial_sq_norm` = the squared norm of all the model's weights at the start."""
+    sq = 0.0
+    for m in wrapped.values():
+        with torch.no_grad():
+            A, B = dist.full_tensor(m.lora_A), dist.full_tensor(m.lora_B)  # (r, in), (out, r): small
+            sq += m.scaling**2 * torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).item()
+    return math.sqrt(sq / max(initial_sq_norm, 1e-24))
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module, wrapped: dict[str, LoRALinear]):
+    """The base model, the initial model of the run: every adapter's scale set to 0 for the duration (s B A x
+    contributes exactly 0), for eval/kl_to_init without a second copy of the weights."""
+    scalings = {name: m.scaling for name, m in wrapped.items()}
+    for m in wrapped.values():
+        m.scaling = 0.0
+    try:
+        yield model
+    finally:
+        for name, m in wrapped.items():
+            m.scaling = scalings[name]
+
+
 def adapter_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
     """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r).
     Under torchrun a collective (sharded adapters are gathered)."""
@@ -498,6 +531,7 @@ def main(args: Args) -> None:
     base_bytes = tensor_bytes(base_weights)
     base_norms = {n: w.float().norm().item() for n, w in zip(names, base_weights)}
     del base_weights
+    initial_sq_norm = sum(p.detach().float().pow(2).sum().item() for p in model.parameters())  # eval/weight_drift's
     wrapped = add_lora(model, names, args, device)
     if ckpt:
         load_adapter(ckpt, wrapped)
@@ -517,6 +551,14 @@ def main(args: Args) -> None:
         ]
     )
     model.train()
+    drift = Drift(  # eval/kl_to_init to the base model: the same model with its adapters off, no second copy
+        args,
+        eval_records,
+        device,
+        args.eval_max_new_tokens,
+        context=lambda: adapters_off(model, wrapped),
+        drift_fn=lambda _: lora_weight_drift(wrapped, initial_sq_norm),
+    )
 
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -575,7 +617,7 @@ def main(args: Args) -> None:
                     max_new_tokens=args.eval_max_new_tokens,
                 )
             )
-        return metrics
+        return {**metrics, **drift(model, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
     if start_step == 0:  # every run shows its starting point (the base model: B = 0)
         start = evaluation()

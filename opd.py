@@ -8,6 +8,12 @@ arXiv 2306.13649; Gu et al. 2024, MiniLLM; Thinking Machines, "On-policy distill
         E_{y_t ~ pi_S}[-A_t] = KL(pi_S || pi_T) at that position.
     --objective full: the exact reverse KL sum_v pi_S(v|.) (log pi_S(v|.) - log pi_T(v|.)) at every completion
         position, summed over the vocabulary in row chunks (neither model's [N, V] logits exist in full).
+    --objective forward-topk: the forward KL(pi_T~ || pi_S) from the teacher's --teacher-topk most likely tokens
+        at each student-sampled position, renormalized over those k (GKD's forward KL, as verl's OPD ships it).
+    --objective jsd: GKD's generalized Jensen-Shannon divergence, m = beta pi_T + (1 - beta) pi_S,
+        JSD_beta = beta KL(pi_T || m) + (1 - beta) KL(pi_S || m) (--jsd-beta; 0: forward KL, 1: reverse KL).
+    The three dense objectives are computed in row chunks over the vocabulary from both models' final hidden
+    states, with closed-form gradients (`divergence`), so neither model's [N, V] logits exist in full.
 
 Teacher and student must share the vocabulary. `--cold-start-steps N` first runs N SFT steps on teacher-sampled
 completions (off-policy), the remedy when the student's samples start far from the teacher's (low overlap).
@@ -33,6 +39,7 @@ import tyro
 
 from common import die, dist
 from common.data import data_options, fit_rollout_prompts, load_prompts
+from common.drift import Drift
 from common.generation import (
     correction_metrics,
     generate,
@@ -162,14 +169,21 @@ class Args:
     per token, resolved at the start and saved in args.json (a resume batches the same way); on a CPU, none.
     Not used with --vllm (the engine sizes its own KV cache)"""
     # objective
-    objective: Literal["sampled", "full"] = "sampled"
-    """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab"""
+    objective: Literal["sampled", "full", "forward-topk", "jsd"] = "sampled"
+    """sampled: policy gradient with per-token advantage log pi_T - log pi_S; full: exact reverse KL over the vocab;
+    forward-topk: forward KL from the teacher's top --teacher-topk tokens, renormalized (GKD, verl); jsd: GKD's
+    generalized Jensen-Shannon with --jsd-beta over the vocab. The last three at every position the student sampled"""
+    teacher_topk: int = 20
+    """--objective forward-topk: the teacher's most likely tokens kept at each position"""
+    jsd_beta: float = 0.5
+    """--objective jsd: the mixture weight of the teacher, m = beta pi_T + (1 - beta) pi_S; 0 is the forward KL,
+    1 the reverse KL"""
     num_iterations: int = 1
     """updates per rollout batch; > 1 uses the importance ratio to the rollout policy, clipped (sampled objective)"""
     epsilon: float = 0.2
     """clip range of the importance ratio"""
     kl_chunk_size: int = 256
-    """rows per chunk of the full-vocabulary KL"""
+    """rows per chunk of the full-vocabulary objectives (full, forward-topk, jsd)"""
     cold_start_steps: int = 0
     """SFT steps on teacher-sampled completions before going on-policy (0: none)"""
     # optimization
@@ -193,6 +207,11 @@ class Args:
     """generation budget of the evaluation (default: --max-new-tokens)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -211,44 +230,80 @@ def sampled_token_loss(student_logps, old_logps, teacher_logps, epsilon):
     return torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon))
 
 
-class ChunkedReverseKL(torch.autograd.Function):
-    """KL(pi_S || pi_T) per row over the whole vocabulary, from the two models' final hidden states and head weights,
-    `rows` rows at a time; backward recomputes each chunk. Gradient w.r.t. the student logits z:
-    dKL/dz_j = p_j (log p_j - log q_j - KL). The teacher gets no gradient."""
+DENSE_OBJECTIVES = ("full", "forward-topk", "jsd")  # computed over the vocabulary at every completion position
+
+
+def divergence(logp_s, logp_t, objective: str, jsd_beta: float = 0.5, topk: int = 20, grad: bool = False):
+    """Per-row divergence D (rows,) between the student p = exp(logp_s) and the teacher q = exp(logp_t), (rows, V)
+    fp32 log-softmaxes at one position each; with `grad`, also dD/dz (rows, V), its gradient w.r.t. the student's
+    (temperature-scaled) logits z, in closed form (softmax's Jacobian: dD/dz = p * (dD/dp - sum_v p_v dD/dp_v)):
+      full (reverse KL, MiniLLM):  D = sum_v p (log p - log q);              dD/dz = p (log p - log q - D)
+      forward-topk (GKD's forward KL from the teacher's top-k, as verl's OPD): q~ = q renormalized over the
+                                   teacher's `topk` most likely tokens (0 elsewhere), D = KL(q~ || p)
+                                   = sum_{v in top-k} q~ (log q~ - log p);  dD/dz = p - q~
+      jsd (GKD's generalized Jensen-Shannon, arXiv 2306.13649 eq. 1): m = beta q + (1 - beta) p,
+                                   D = beta KL(q || m) + (1 - beta) KL(p || m);  dD/dp = (1 - beta)(log p - log m)
+                                   (the terms in q / m cancel), so dD/dz = (1 - beta) p (log p - log m - KL(p || m));
+                                   beta = 0 is the forward KL(q || p) and beta = 1 the reverse KL(p || q), the
+                                   limits GKD and TRL take (the mixture itself degenerates there)."""
+    p = logp_s.exp()
+    if objective == "jsd" and jsd_beta in (0.0, 1.0):
+        objective = "full" if jsd_beta == 1.0 else "forward-topk"
+        topk = logp_t.shape[-1]  # the forward KL over the whole vocabulary
+    if objective == "full":
+        d = (p * (logp_s - logp_t)).sum(-1)
+        return (d, p * (logp_s - logp_t - d[:, None])) if grad else d
+    if objective == "forward-topk":
+        top_logp, top_ids = logp_t.topk(min(topk, logp_t.shape[-1]), dim=-1)  # (rows, k)
+        top_logq = torch.log_softmax(top_logp, -1)  # renormalized over the top-k
+        d = (top_logq.exp() * (top_logq - logp_s.gather(-1, top_ids))).sum(-1)
+        return (d, p.scatter_add(-1, top_ids, -top_logq.exp())) if grad else d  # p - q~
+    b = torch.tensor(jsd_beta, dtype=logp_s.dtype, device=logp_s.device)
+    logm = torch.logaddexp(b.log() + logp_t, (1 - b).log() + logp_s)  # (rows, V)
+    kl_pm = (p * (logp_s - logm)).sum(-1)
+    d = b * (logp_t.exp() * (logp_t - logm)).sum(-1) + (1 - b) * kl_pm
+    return (d, (1 - b) * p * (logp_s - logm - kl_pm[:, None])) if grad else d
+
+
+class ChunkedDivergence(torch.autograd.Function):
+    """`divergence` per row over the whole vocabulary, from the two models' final hidden states and head weights,
+    `rows` rows at a time, so neither model's (N, V) logits exist in full; backward recomputes each chunk and applies
+    the closed-form dD/dz. The teacher gets no gradient."""
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, temperature, rows):
-        kl = s_hidden.new_empty(s_hidden.shape[0], dtype=_compute_dtype(s_hidden))
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, temperature, rows, objective, beta, topk):
+        d = s_hidden.new_empty(s_hidden.shape[0], dtype=_compute_dtype(s_hidden))
         for r0 in range(0, s_hidden.shape[0], rows):
             logp_s, logp_t = _chunk_logprobs(
                 s_hidden[r0 : r0 + rows], s_weight, s_bias, t_hidden[r0 : r0 + rows], t_weight, t_bias, temperature
             )
-            kl[r0 : r0 + rows] = (logp_s.exp() * (logp_s - logp_t)).sum(-1)
-        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kl)
-        ctx.temperature, ctx.rows = temperature, rows
-        return kl
+            d[r0 : r0 + rows] = divergence(logp_s, logp_t, objective, beta, topk)
+        ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
+        ctx.args = temperature, rows, objective, beta, topk
+        return d
 
     @staticmethod
-    def backward(ctx, grad_kl):
-        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, kl = ctx.saved_tensors
+    def backward(ctx, grad_d):
+        s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
+        temperature, rows, objective, beta, topk = ctx.args
         grad_hidden = torch.zeros_like(s_hidden)
         dtype = _compute_dtype(s_hidden)
         grad_weight = torch.zeros_like(s_weight, dtype=dtype)
         grad_bias = None if s_bias is None else torch.zeros_like(s_bias, dtype=dtype)
-        for r0 in range(0, s_hidden.shape[0], ctx.rows):
-            h = s_hidden[r0 : r0 + ctx.rows]
+        for r0 in range(0, s_hidden.shape[0], rows):
+            h = s_hidden[r0 : r0 + rows]
             logp_s, logp_t = _chunk_logprobs(
-                h, s_weight, s_bias, t_hidden[r0 : r0 + ctx.rows], t_weight, t_bias, ctx.temperature
+                h, s_weight, s_bias, t_hidden[r0 : r0 + rows], t_weight, t_bias, temperature
             )
-            g = logp_s.exp() * (logp_s - logp_t - kl[r0 : r0 + ctx.rows, None])  # dKL/dz (rows, V) fp32
-            g = g * grad_kl[r0 : r0 + ctx.rows, None].to(dtype) / ctx.temperature
+            _, g = divergence(logp_s, logp_t, objective, beta, topk, grad=True)  # dD/dz (rows, V) fp32
+            g = g * grad_d[r0 : r0 + rows, None].to(dtype) / temperature
             if grad_bias is not None:
                 grad_bias += g.sum(0)
             g = g.to(s_weight.dtype)  # the matmuls in the head's dtype: no fp32 copy of the (V, H) head per chunk
-            grad_hidden[r0 : r0 + ctx.rows] = (g @ s_weight).to(s_hidden.dtype)
+            grad_hidden[r0 : r0 + rows] = (g @ s_weight).to(s_hidden.dtype)
             grad_weight += g.t() @ h.to(s_weight.dtype)  # accumulated in fp32 (one buffer for all chunks)
         grad_bias = None if grad_bias is None else grad_bias.to(s_bias.dtype)
-        return grad_hidden, grad_weight.to(s_weight.dtype), grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight.to(s_weight.dtype), grad_bias, *([None] * 8)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -315,24 +370,25 @@ def _teacher_token_stats(teacher, prompt_ids, prompt_mask, completion_ids, compl
     return scatter_rows(chosen, rows, completion_mask.shape), rank < 1, rank < 5
 
 
-def full_reverse_kl(student, teacher, part, temperature, chunk_size, vocab):
-    """Per-token exact reverse KL (B, L) of a micro-batch (`--objective full`) over the tokenizer's `vocab` ids:
-    the heads' common rows (checkpoints of one family often pad their embeddings to different sizes; padding
-    rows are no tokens). Runs as the student's forward (`dist.root_forward`); a sharded teacher must be gathered
-    around it and its backward (`dist.unsharded`)."""
+def dense_divergence(student, teacher, part, temperature, chunk_size, vocab, objective, jsd_beta=0.5, topk=20):
+    """Per-token divergence (B, L) of a micro-batch for the dense objectives (`full`, `forward-topk`, `jsd`) over
+    the tokenizer's `vocab` ids: the heads' common rows (checkpoints of one family often pad their embeddings to
+    different sizes; padding rows are no tokens). Runs as the student's forward (`dist.root_forward`); a sharded
+    teacher must be gathered around it and its backward (`dist.unsharded`)."""
     s_hidden = completion_hidden(student, *part)
     with torch.no_grad():
         t_hidden = completion_hidden(teacher, *part)
     sw, sb, _, s_mult = lm_head_params(student)
     tw, tb, _, t_mult = lm_head_params(teacher)
     if s_mult != 1.0 or t_mult != 1.0:
-        die("--objective full does not support logit-scaled heads (Cohere, Granite) yet")
+        die(f"--objective {objective} does not support logit-scaled heads (Cohere, Granite) yet")
     sw, tw = sw[:vocab], tw[:vocab]  # (V, H): rows past the tokenizer's ids are padding
     sb, tb = (None if b is None else b[:vocab] for b in (sb, tb))
     b, L = s_hidden.shape[:2]
-    return ChunkedReverseKL.apply(
-        s_hidden.reshape(b * L, -1), sw, sb, t_hidden.reshape(b * L, -1), tw, tb, temperature, chunk_size
-    ).view(b, L)
+    return ChunkedDivergence.apply(
+        s_hidden.reshape(b * L, -1), sw, sb, t_hidden.reshape(b * L, -1), tw, tb, temperature, chunk_size,
+        objective, jsd_beta, topk,
+    ).view(b, L)  # fmt: skip
 
 
 def main(args: Args) -> None:
@@ -351,8 +407,15 @@ def main(args: Args) -> None:
     gen_batch = args.generation_batch_size or n
     if n % gen_batch:
         die(f"--generation-batch-size {gen_batch} must divide each process's completions per step ({n})")
-    if args.num_iterations > 1 and args.objective == "full":
-        die("--num-iterations > 1 applies to --objective sampled (the full KL is recomputed exactly each update)")
+    if args.num_iterations > 1 and args.objective in DENSE_OBJECTIVES:
+        die(
+            f"--num-iterations > 1 applies to --objective sampled (--objective {args.objective} is recomputed exactly "
+            "each update)"
+        )
+    if not 0.0 <= args.jsd_beta <= 1.0:
+        die(f"--jsd-beta must be in [0, 1], got {args.jsd_beta}")
+    if args.teacher_topk < 1:
+        die(f"--teacher-topk must be at least 1, got {args.teacher_topk}")
     train_sources = [load_prompts(source, ("prompt",), data_opts) for source in args.dataset]
     eval_records = (
         load_prompts(args.eval_prompts, ("prompt", "answer"), data_opts, "--eval-prompts") if args.eval_prompts else []
@@ -395,8 +458,8 @@ def main(args: Args) -> None:
     for name, m in (("--model", student), ("--teacher", teacher)):
         if lm_head_params(m)[0].shape[0] < vocab:
             die(f"{name}: its output layer has {lm_head_params(m)[0].shape[0]} rows for a tokenizer of {vocab} tokens")
-    if lm_head_params(student)[2] is not None and args.objective == "full":
-        die("--objective full does not support soft-capped heads (Gemma-2); use --objective sampled")
+    if lm_head_params(student)[2] is not None and args.objective in DENSE_OBJECTIVES:
+        die(f"--objective {args.objective} does not support soft-capped heads (Gemma-2); use --objective sampled")
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.learning_rate, fused=device.type == "cuda")
     total_steps = args.cold_start_steps + args.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, 0, "constant"))
@@ -404,6 +467,13 @@ def main(args: Args) -> None:
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(student, device, optimizer)
         args = update_args(run_dir, "opd", args, generation_max_tokens=budget)
+    drift = Drift(  # eval/kl_to_init of the student to its initial self: a host copy visits for each evaluation
+        args,
+        eval_records,
+        device,
+        args.eval_max_new_tokens or args.max_new_tokens,
+        max_tokens=args.generation_max_tokens,
+    )
     tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
@@ -421,7 +491,7 @@ def main(args: Args) -> None:
         budget = args.generation_max_tokens
         if budget and model is not student:  # the same bytes of KV cache, in the teacher's (larger) tokens
             budget = max(1, budget * kv_bytes_per_token(student) // kv_bytes_per_token(model))
-        return evaluate(
+        metrics = evaluate(
             model,
             tokenizer,
             eval_records,
@@ -432,6 +502,7 @@ def main(args: Args) -> None:
             max_tokens=budget,
             engine=engine if model is student else None,
         )
+        return {**metrics, **drift(model, tokenizer)} if model is student else metrics  # eval/kl_to_init, ...
 
     if start_step == 0:  # the starting point, and the teacher's accuracy as the ceiling
         teacher_eval = {k.replace("eval/", "eval/teacher_"): v for k, v in evaluation(teacher).items()}
@@ -480,10 +551,10 @@ def main(args: Args) -> None:
         student.train()
         n_tok = max(1.0, dist.all_reduce(float(mask.sum())))  # over all processes
         losses, kls, grad_norms = [], [], []
-        full = args.objective == "full" and not cold
-        with dist.unsharded(teacher if full else None):  # the full KL reads the teacher's head in its backward
+        dense = args.objective in DENSE_OBJECTIVES and not cold
+        with dist.unsharded(teacher if dense else None):  # a dense objective reads the teacher's head in backward
             for _ in range(1 if cold else args.num_iterations):
-                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, KL: on the device until the step
+                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss, divergence: on the device
                 for s in range(0, n, args.micro_batch_size):
                     part = [x[s : s + args.micro_batch_size].to(device) for x in seqs]
                     m = mask[s : s + args.micro_batch_size]
@@ -499,7 +570,16 @@ def main(args: Args) -> None:
                         )
                     else:
                         tok_loss = dist.root_forward(
-                            student, full_reverse_kl, teacher, part, args.temperature, args.kl_chunk_size, vocab
+                            student,
+                            dense_divergence,
+                            teacher,
+                            part,
+                            args.temperature,
+                            args.kl_chunk_size,
+                            vocab,
+                            args.objective,
+                            args.jsd_beta,
+                            args.teacher_topk,
                         )
                         sums[1] += (tok_loss.detach() * m).sum()
                     if not cold:  # the sampler/trainer mismatch correction (weights 1 with --is-correction none)
@@ -527,7 +607,7 @@ def main(args: Args) -> None:
             engine.push(student)  # the next rollout (and this step's evaluation) samples the updated student
 
         # reverse KL per token: exact with --objective full, else the sampled estimate E[log pi_S - log pi_T]
-        reverse_kl = kls[0] if full else dist.masked_mean(old_logps - teacher_logps, mask)
+        reverse_kl = kls[0] if dense and args.objective == "full" else dist.masked_mean(old_logps - teacher_logps, mask)
         lengths = dist.all_gather(out["completion_mask"].sum(1).float())
         trainer_logps = teacher_logps if cold else old_logps  # the training forward of the model that sampled
         metrics = {
@@ -536,6 +616,7 @@ def main(args: Args) -> None:
             "train/loss": sum(losses) / len(losses),
             "train/phase": 0.0 if cold else 1.0,
             "train/reverse_kl": reverse_kl,
+            **({"train/divergence": kls[0]} if dense else {}),  # the dense objective's value per token
             "train/teacher_logp": dist.masked_mean(teacher_logps, mask),
             "train/student_logp": dist.masked_mean(old_logps, mask),
             "train/overlap_top1": dist.masked_mean(top1, mask),

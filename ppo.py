@@ -42,6 +42,7 @@ from common.data import (
     load_prompts,
     tokenize_pair_side,
 )
+from common.drift import Drift
 from common.generation import (
     correction_metrics,
     derive_seed,
@@ -219,6 +220,11 @@ class Args:
     """generation budget of the evaluation (default: --max-new-tokens)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N (policy, value model, optimizer, adaptive KL coefficient, RNG) every N steps for
     --resume (0: only final/ and value_model/)"""
@@ -449,6 +455,15 @@ def main(args: Args) -> None:
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(policy, device, optimizer)
         args = update_args(run_dir, "ppo", args, generation_max_tokens=budget)
+    drift = Drift(  # eval/kl_to_init against the reference the KL penalty already keeps on the accelerator
+        args,
+        eval_records,
+        device,
+        args.eval_max_new_tokens or args.max_new_tokens,
+        initial=ref,
+        on_accelerator=True,
+        max_tokens=args.generation_max_tokens,
+    )
     tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {n * world} completions/step"
@@ -464,7 +479,7 @@ def main(args: Args) -> None:
     def evaluation() -> dict:
         if not eval_records:
             return {}
-        return evaluate(
+        metrics = evaluate(
             policy,
             tokenizer,
             eval_records,
@@ -475,6 +490,7 @@ def main(args: Args) -> None:
             max_tokens=args.generation_max_tokens,
             engine=engine,
         )
+        return {**metrics, **drift(policy, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
     if start_step == 0:  # every run shows its starting point
         start = evaluation()

@@ -36,6 +36,7 @@ from common.data import (
     packed_micro_batches,
     prompt_budget,
 )
+from common.drift import Drift
 from common.logprobs import token_logprobs
 from common.model import (
     load_model,
@@ -139,6 +140,11 @@ class Args:
     reward on the target skill)"""
     eval_batch_size: int = 128
     """prompts per generate call in the greedy evaluation (lower it for large models and long answers)"""
+    kl_prompts: int = 64
+    """eval/kl_to_init, the KL of the model to the initial one: over the first N held-out target-skill prompts of
+    --eval-prompts, on the model's own samples (0: off; see common/drift.py)"""
+    kl_samples: int = 4
+    """eval/kl_to_init: completions sampled per prompt (temperature 1, the same seed at every evaluation)"""
     save_every: int = 0
     """write checkpoints/step_N every N steps for --resume (0: only final/)"""
     resume: str | None = None
@@ -216,6 +222,7 @@ def main(args: Args) -> None:
     model = dist.wrap(model, train=True)  # torchrun: FSDP2 shards, one process: unchanged
     device = next(model.parameters()).device
     model.train()
+    drift = Drift(args, eval_records, device, args.eval_max_new_tokens)  # eval/kl_to_init: the initial model, on host
 
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -257,7 +264,7 @@ def main(args: Args) -> None:
                     max_new_tokens=args.eval_max_new_tokens,
                 )
             )
-        return metrics
+        return {**metrics, **drift(model, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
     if start_step == 0:  # every run shows its starting point
         start = evaluation()

@@ -9,7 +9,8 @@ one micro-batch of `--batch` completions of `--completion` tokens after `--promp
 in a fresh process and measures its peak RSS minus the RSS once both models and the inputs exist:
   sampled: the rollout-time no-grad pass (student log-probs + `teacher_token_stats`: teacher log-prob, top-1/top-5)
            and the student's forward + backward of the sampled-token loss
-  full:    the same no-grad pass and `full_reverse_kl` forward + backward (`--objective full`)
+  full:    the same no-grad pass and `dense_divergence` forward + backward (`--objective full`)
+  forward-topk, jsd: the same with the other dense objectives (in a checkout that has them; `--objectives`)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Args:
     """prompt tokens"""
     completion: int = 512
     """completion tokens"""
+    objectives: tuple[str, ...] = ("sampled", "full", "forward-topk", "jsd")
+    """the objectives to measure, each in a fresh process"""
     objective: str | None = None
     """internal: run one objective in this process and print JSON"""
 
@@ -71,7 +74,10 @@ def run(args: Args) -> dict:
         logps = completion_logprobs(student, *part, 1.0, vocab=vocab)
         tok_loss = opd.sampled_token_loss(logps, old_logps, teacher_logps, 0.2)
     else:
-        tok_loss = opd.full_reverse_kl(student, teacher, part, 1.0, 256, vocab)
+        if hasattr(opd, "dense_divergence"):
+            tok_loss = opd.dense_divergence(student, teacher, part, 1.0, 256, vocab, args.objective)
+        else:  # a checkout from before the forward-topk and jsd objectives
+            tok_loss = opd.full_reverse_kl(student, teacher, part, 1.0, 256, vocab)
     ((tok_loss * mask).sum() / mask.sum()).backward()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
@@ -90,7 +96,7 @@ def main(args: Args) -> None:
     )
     print("| objective | peak memory (GB) | time (s) |")
     print("|---|---|---|")
-    for objective in ("sampled", "full"):
+    for objective in args.objectives:
         cmd = [sys.executable, __file__, *flags, "--objective", objective]
         out = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(f"| {objective} | {out['peak_gb']:.2f} | {out['time_s']:.1f} |")

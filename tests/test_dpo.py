@@ -367,7 +367,7 @@ def test_cli_reference_free_first_step_matches_the_objective_written_out(
     assert f"reference-free ({loss_type}): no reference model" in proc.stdout + proc.stderr
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     step1 = next(r for r in rows if "train/loss" in r)
-    assert not any("kl_to_init" in k for r in rows for k in r)  # no reference, no log-ratio drift
+    assert not any("pair_kl_k2" in k for r in rows for k in r)  # no reference, no log-ratio drift
     loss, nll, grad_norm = _naive_first_step(
         random_model_dir, load_preference_dataset(data, chat_tokenizer, 1024), 2.0, loss_type, 0.0, None
     )

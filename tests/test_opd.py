@@ -1,4 +1,5 @@
-"""opd.py: the sampled estimator against the exact reverse KL, the chunked KL against a naive one, the command line."""
+"""opd.py: the sampled estimator against the exact reverse KL, the chunked divergences (reverse KL, top-k forward KL,
+generalized JSD) against naive full-logits ones in fp64, the command line."""
 
 import json
 import math
@@ -9,7 +10,7 @@ import torch
 from conftest import ROOT, TINY_BASE, run_script
 
 from common.model import load_tokenizer
-from opd import ChunkedReverseKL, sampled_token_loss
+from opd import ChunkedDivergence, sampled_token_loss
 
 
 def _exact_reverse_kl(z_s, z_t):
@@ -61,8 +62,30 @@ def test_sampled_token_loss_clipping_by_hand(adv, ratio, expect_loss, grad_zero)
     assert logps.grad.item() == pytest.approx(expect_grad, abs=1e-6)
 
 
+def _naive_divergence(z_s, z_t, objective, beta=0.5, topk=5):
+    """The objectives written plainly in probability space over the full (N, V) logits (autograd for gradients)."""
+    p, q = torch.softmax(z_s, -1), torch.softmax(z_t, -1)
+    if objective == "full":  # KL(p || q)
+        return (p * (p / q).log()).sum(-1)
+    if objective == "forward-topk":  # KL(q~ || p), q~ = q on the teacher's top-k tokens, renormalized, 0 elsewhere
+        top = q.topk(topk, -1).indices  # (N, k): the only terms of the sum (q~ is 0 elsewhere)
+        q_top = q.gather(-1, top) / q.gather(-1, top).sum(-1, keepdim=True)
+        return (q_top * (q_top / p.gather(-1, top)).log()).sum(-1)
+    if beta == 0.0:  # JSD's limits: the forward KL(q || p) ...
+        return (q * (q / p).log()).sum(-1)
+    if beta == 1.0:  # ... and the reverse KL(p || q)
+        return (p * (p / q).log()).sum(-1)
+    m = beta * q + (1 - beta) * p
+    return beta * (q * (q / m).log()).sum(-1) + (1 - beta) * (p * (p / m).log()).sum(-1)
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_chunked_reverse_kl_matches_naive_values_and_gradients(with_bias):
+@pytest.mark.parametrize(
+    "objective,beta,topk",
+    [("full", 0.5, 5), ("forward-topk", 0.5, 5), ("forward-topk", 0.5, 50), ("jsd", 0.5, 5), ("jsd", 0.1, 5),
+     ("jsd", 0.9, 5), ("jsd", 0.0, 5), ("jsd", 1.0, 5)],
+)  # fmt: skip
+def test_chunked_divergences_match_naive_values_and_gradients(with_bias, objective, beta, topk):
     g = torch.Generator().manual_seed(1)
     N, H, V, T = 37, 16, 50, 0.7
     s_h = torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_()
@@ -72,7 +95,8 @@ def test_chunked_reverse_kl_matches_naive_values_and_gradients(with_bias):
     t_b = torch.randn(V, generator=g, dtype=torch.float64) if with_bias else None
     weights = torch.rand(N, generator=g, dtype=torch.float64)  # a non-uniform upstream gradient
 
-    chunked = ChunkedReverseKL.apply(s_h, s_w, s_b, t_h, t_w, t_b, T, 8)  # 8 rows a chunk: does not divide 37
+    # 8 rows a chunk: does not divide 37
+    chunked = ChunkedDivergence.apply(s_h, s_w, s_b, t_h, t_w, t_b, T, 8, objective, beta, topk)
     (chunked * weights).sum().backward()
     grads = [s_h.grad.clone(), s_w.grad.clone()] + ([s_b.grad.clone()] if with_bias else [])
     for x in (s_h, s_w, s_b):
@@ -80,11 +104,28 @@ def test_chunked_reverse_kl_matches_naive_values_and_gradients(with_bias):
             x.grad = None
     z_s = (s_h @ s_w.T + (0 if s_b is None else s_b)) / T
     z_t = (t_h @ t_w.T + (0 if t_b is None else t_b)) / T
-    naive = _exact_reverse_kl(z_s, z_t)
+    naive = _naive_divergence(z_s, z_t, objective, beta, topk)
     (naive * weights).sum().backward()
-    assert torch.allclose(chunked.double(), naive, rtol=1e-5, atol=1e-6)
+    assert (naive > 0).all()
+    torch.testing.assert_close(chunked, naive, rtol=1e-9, atol=1e-10)
     for a, b in zip(grads, [s_h.grad, s_w.grad] + ([s_b.grad] if with_bias else [])):
-        assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_divergence_special_cases():
+    """forward-topk with k = V is the forward KL; jsd is symmetric in (p, q) at beta = 0.5 and bounded by log 2."""
+    from opd import divergence
+
+    g = torch.Generator().manual_seed(3)
+    logp_s = torch.log_softmax(torch.randn(6, 20, generator=g, dtype=torch.float64) * 2, -1)
+    logp_t = torch.log_softmax(torch.randn(6, 20, generator=g, dtype=torch.float64) * 2, -1)
+    forward = (logp_t.exp() * (logp_t - logp_s)).sum(-1)
+    torch.testing.assert_close(divergence(logp_s, logp_t, "forward-topk", topk=20), forward)
+    torch.testing.assert_close(divergence(logp_s, logp_t, "jsd", 0.0), forward)
+    js = divergence(logp_s, logp_t, "jsd", 0.5)
+    torch.testing.assert_close(js, divergence(logp_t, logp_s, "jsd", 0.5))
+    assert (js > 0).all() and (js <= math.log(2)).all()
+    assert divergence(logp_s, logp_s, "jsd", 0.3).abs().max() < 1e-12
 
 
 def test_teacher_token_stats_match_the_full_logits(qwen3_dir):
@@ -126,8 +167,9 @@ def test_teacher_token_stats_match_the_full_logits(qwen3_dir):
 def test_kl_and_loss_are_zero_when_student_is_teacher():
     g = torch.Generator().manual_seed(2)
     h, w = torch.randn(5, 8, generator=g).requires_grad_(), torch.randn(11, 8, generator=g)
-    kl = ChunkedReverseKL.apply(h, w, None, h.detach(), w, None, 1.0, 2)
-    assert kl.abs().max() < 1e-6
+    for objective in ("full", "forward-topk", "jsd"):
+        d = ChunkedDivergence.apply(h, w, None, h.detach(), w, None, 1.0, 2, objective, 0.5, 11)
+        assert d.abs().max() < 1e-6, objective
     logps = torch.randn(3, 4)
     assert sampled_token_loss(logps, logps, logps, 0.2).abs().max() == 0
 
@@ -152,8 +194,8 @@ def _opd(tmp_path, name, *extra):
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
 
 
-@pytest.mark.parametrize("objective", ["sampled", "full"])
-def test_cli_both_objectives(tmp_path, random_model_dir, objective):
+@pytest.mark.parametrize("objective", ["sampled", "full", "forward-topk", "jsd"])
+def test_cli_every_objective(tmp_path, random_model_dir, objective):
     rows = _opd(
         tmp_path,
         objective,
@@ -189,7 +231,13 @@ def test_cli_both_objectives(tmp_path, random_model_dir, objective):
         "--max-steps",
         "1",
     )
-    assert abs(same[-1]["train/reverse_kl"]) < 1e-5 and abs(same[-1]["train/loss"]) < 1e-5
+    assert abs(same[-1]["train/reverse_kl"]) < 1e-5
+    if objective == "forward-topk":  # KL(q~ || q) = -log(the top-k's mass) > 0 even for the teacher itself
+        assert 0 < same[-1]["train/loss"] < 0.5 and same[-1]["train/divergence"] == pytest.approx(
+            same[-1]["train/loss"]
+        )
+    else:
+        assert abs(same[-1]["train/loss"]) < 1e-5
 
 
 def test_tokenizer_mismatch_stops_before_compute(tmp_path, random_model_dir):
