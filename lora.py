@@ -6,9 +6,16 @@ Every targeted linear layer W (frozen, optionally quantized) gets a trainable lo
     y = W x + s * B A dropout(x),   A (r, in) kaiming-uniform, B (out, r) zeros,   s = alpha / r  (rsLoRA: alpha / sqrt r)
     loss = the SFT loss: summed NLL of the assistant tokens / the step's assistant-token count
 
-so the model at step 0 is exactly the base model. Only A and B are in the optimizer. `final/` is a PEFT-compatible
-adapter directory (`peft.PeftModel.from_pretrained(base, "runs/<run>/final")`); `--merge` also writes `merged/`, a
-full Hugging Face model with W + s B A folded in.
+so the model at step 0 is exactly the base model. Only A and B are in the optimizer. Two variants, each a flag:
+
+    --init-lora-weights pissa (Meng et al. 2024, PiSSA): A, B = W's top-r singular vectors (s B0 A0 = U_r S_r V_r^T),
+        the residual W - s B0 A0 frozen: the principal directions train, the rest stays; W exactly at step 0
+    --adapter oft (Qiu et al. 2023, orthogonal fine-tuning), input-centric as PEFT: y = base(x R),
+        R = blockdiag(R_i), R_i = (I - Q_i)(I + Q_i)^-1 (Cayley) of a skew-symmetric Q_i: W's singular values kept
+
+`final/` is a PEFT adapter directory loadable on the original base (`peft.PeftModel.from_pretrained(base,
+"runs/<run>/final")`; PiSSA saved as PEFT converts it, a rank-2r LoRA of W's change); `--merge` also writes
+`merged/`, a full Hugging Face model with the adapters folded in.
 
     python lora.py                                                      # the tiny world, a few minutes on a CPU
     python lora.py --quantize nf4                                       # QLoRA: the frozen base in 4 bits
@@ -92,7 +99,18 @@ class Args:
     chat_template_kwargs: str | None = None
     """JSON passed to the chat template for training data, prompts and evaluation alike, e.g. '{"enable_thinking":
     false}' for Qwen3"""
-    # LoRA
+    # adapters
+    adapter: Literal["lora", "oft"] = "lora"
+    """lora: a low-rank update s B A added to each targeted weight; oft: orthogonal fine-tuning, the weight's input
+    space rotated by a block-diagonal orthogonal matrix (Cayley transform), its singular values kept"""
+    init_lora_weights: Literal["default", "pissa"] = "default"
+    """--adapter lora: default (A kaiming-uniform, B = 0: the base at step 0) or pissa (A, B from W's top-r singular
+    vectors, the residual frozen: W at step 0, exactly)"""
+    pissa_niter: int = 0
+    """--init-lora-weights pissa: subspace iterations of a randomized SVD (fast on large layers; 0: the full SVD)"""
+    oft_block_size: int = 32
+    """--adapter oft: the size b of each orthogonal block (b(b-1)/2 parameters a block; it must divide every targeted
+    layer's input size)"""
     lora_r: int = 16
     """adapter rank r"""
     lora_alpha: float = 32.0
@@ -299,7 +317,9 @@ class DequantizedLinear(torch.autograd.Function):
 
 class LoRALinear(nn.Module):
     """base(x) + s * B A dropout(x). The base (nn.Linear or QuantizedLinear) is frozen; A and B are fp32 parameters,
-    used in the input's (compute) dtype."""
+    used in the input's (compute) dtype. `enabled = False` gives the base alone (the run's initial model, for
+    eval/kl_to_init). With PiSSA the base holds the residual W - s B0 A0 and `lora_A0` / `lora_B0` the initial
+    factors (for the PEFT conversion on save)."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool):
         super().__init__()
@@ -310,17 +330,91 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear's (and PEFT's) default init
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.lora_A0 = self.lora_B0 = None  # PiSSA's initial factors
 
     def base_weight(self, dtype=torch.float32) -> torch.Tensor:
-        if isinstance(self.base, QuantizedLinear):
-            return self.base.dequantized_weight(dtype)
-        return self.base.weight.to(dtype)
+        return _base_weight(self.base, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not self.enabled:
+            return out
         # in the input's dtype: A and B (small) are cast, not x, so backward keeps x itself and no fp32 copy of it
         update = (self.dropout(x) @ self.lora_A.to(x.dtype).T) @ self.lora_B.to(x.dtype).T  # (..., out)
         return out + (self.scaling * update).to(out.dtype)
+
+    def delta_sq_norm(self) -> float:
+        """||s B A - s B0 A0||_F^2, the change of the layer's effective weight since the start; without PiSSA (B0 = 0)
+        tr((B^T B)(A A^T)) s^2: two r x r products, never the (out, in) matrix."""
+        A, B = dist.full_tensor(self.lora_A).float(), dist.full_tensor(self.lora_B).float()  # (r, in), (out, r)
+        if self.lora_A0 is not None:  # [B, -B0] [A; A0] = B A - B0 A0: a rank-2r product, same trick
+            A, B = torch.cat([A, self.lora_A0]), torch.cat([B, -self.lora_B0], dim=1)
+        return self.scaling**2 * torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).item()
+
+    def merged_weight(self) -> torch.Tensor:
+        return self.base_weight(torch.float32) + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+
+
+class OFTLinear(nn.Module):
+    """Orthogonal fine-tuning (Qiu et al. 2023, arXiv 2306.07280), input-centric as PEFT's OFT: base(x R) with
+    R = blockdiag(R_1, ..., R_n) (in, in), n = in / block_size, each block the Cayley transform of a skew-symmetric
+    Q_i = U_i - U_i^T built from the trainable strict upper triangle U_i,
+
+        R_i = (I - Q_i)(I + Q_i)^-1   (exactly orthogonal for any Q_i; R = I at init, Q = 0)
+
+    so the effective weight W R^T has W's singular values: only the input space of W is rotated. `oft_R` (n,
+    b(b-1)/2) is PEFT's `oft_R.weight`; fp32, the rotation applied in the input's dtype."""
+
+    def __init__(self, base: nn.Module, block_size: int, name: str = "layer"):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        if base.in_features % block_size:
+            die(
+                f"--oft-block-size {block_size} does not divide {name}'s {base.in_features} input features; choose a "
+                "divisor of every targeted layer's input size"
+            )
+        device = base.codes.device if isinstance(base, QuantizedLinear) else base.weight.device
+        self.block_size, self.n_blocks = block_size, base.in_features // block_size
+        self.oft_R = nn.Parameter(torch.zeros(self.n_blocks, block_size * (block_size - 1) // 2, device=device))
+        rows, cols = torch.triu_indices(block_size, block_size, 1, device=device)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.enabled = True
+
+    def rotation(self) -> torch.Tensor:
+        """The blocks R_i (n, b, b), fp32."""
+        n, b = self.n_blocks, self.block_size
+        upper = torch.zeros(n, b, b, device=self.oft_R.device, dtype=torch.float32)
+        upper[:, self.rows, self.cols] = self.oft_R.float()
+        q = upper - upper.transpose(1, 2)  # skew-symmetric
+        eye = torch.eye(b, device=q.device, dtype=q.dtype).expand(n, b, b)
+        return torch.linalg.solve(eye + q, eye - q, left=False)  # X (I + Q) = I - Q
+
+    def base_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return _base_weight(self.base, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
+        blocks = x.reshape(*x.shape[:-1], self.n_blocks, self.block_size)  # (..., n, b)
+        rotated = torch.einsum("...nk,nkc->...nc", blocks, self.rotation().to(x.dtype))  # x R, block by block
+        return self.base(rotated.reshape(x.shape))
+
+    def merged_weight(self) -> torch.Tensor:
+        """W R^T (out, in) fp32: column block i of W times R_i^T."""
+        w = self.base_weight(torch.float32)
+        blocks = w.reshape(w.shape[0], self.n_blocks, self.block_size)  # (out, n, b)
+        return torch.einsum("onk,nck->onc", blocks, self.rotation()).reshape(w.shape)
+
+    def delta_sq_norm(self) -> float:
+        return (self.merged_weight() - self.base_weight(torch.float32)).pow(2).sum().item()
+
+
+def _base_weight(base: nn.Module, dtype) -> torch.Tensor:
+    if isinstance(base, QuantizedLinear):
+        return base.dequantized_weight(dtype)
+    return base.weight.to(dtype)
 
 
 def target_names(model: nn.Module, target_modules: str) -> list[str]:
@@ -340,79 +434,115 @@ def target_names(model: nn.Module, target_modules: str) -> list[str]:
     return names
 
 
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int = 0):
+    """PiSSA (Meng et al. 2024, arXiv 2404.02948): the top-r singular triplets of W (out, in) as the adapter,
+    B0 = U_r sqrt(S_r / s), A0 = sqrt(S_r / s) V_r^T, so s B0 A0 = U_r S_r V_r^T; the residual W - s B0 A0 stays frozen
+    and W = residual + s B0 A0 at init. `niter` > 0: a randomized SVD with that many subspace iterations
+    (torch.svd_lowrank, PEFT's pissa_niter_N), else the full SVD. Returns A0 (r, in), B0 (out, r), residual, fp32."""
+    w = weight.float()
+    if niter:
+        u, sv, v = torch.svd_lowrank(w, q=r, niter=niter)
+        vh = v.T
+    else:
+        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+    root = (sv[:r] / scaling).sqrt()
+    a0, b0 = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+    return a0, b0, w - scaling * (b0 @ a0)
+
+
 def add_lora(
     model: nn.Module, names: list[str], args: Args, device: torch.device | None = None
-) -> dict[str, LoRALinear]:
-    """Freeze the model, quantize the targeted layers if asked, and wrap each in a LoRALinear (in place). A model
-    still in host memory is quantized layer by layer onto `device`, then the rest of it moved there: the device
-    never holds more than one layer's unquantized weight."""
+) -> dict[str, LoRALinear | OFTLinear]:
+    """Freeze the model, quantize the targeted layers if asked, and wrap each in a LoRALinear or an OFTLinear
+    (`--adapter`, in place). With `--init-lora-weights pissa` the adapters start from W's principal components and
+    the (then quantized) base holds the residual. A model still in host memory is quantized layer by layer onto
+    `device`, then the rest of it moved there: the device never holds more than one layer's unquantized weight."""
     model.requires_grad_(False)
     wrapped = {}
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         base = getattr(parent, child)
+        factors = None
+        if args.adapter == "lora" and args.init_lora_weights == "pissa":
+            scaling = args.lora_alpha / math.sqrt(args.lora_r) if args.use_rslora else args.lora_alpha / args.lora_r
+            on = base.weight.to(device) if device is not None else base.weight
+            factors = pissa_factors(on, args.lora_r, scaling, args.pissa_niter)
+            with torch.no_grad():
+                base.weight.copy_(factors[2].to(base.weight))  # the residual, in the base's dtype and place
         if args.quantize != "none":
             base = QuantizedLinear(base, args.quantize, device)
-        wrapped[name] = LoRALinear(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.use_rslora)
+        if args.adapter == "oft":
+            wrapped[name] = OFTLinear(base, args.oft_block_size, name)
+        else:
+            wrapped[name] = LoRALinear(base, args.lora_r, args.lora_alpha, args.lora_dropout, args.use_rslora)
+        if factors is not None:
+            m = wrapped[name]
+            with torch.no_grad():
+                m.lora_A.copy_(factors[0])
+                m.lora_B.copy_(factors[1])
+            m.lora_A0, m.lora_B0 = factors[0].clone(), factors[1].clone()
         setattr(parent, child, wrapped[name])  # the unquantized layer (host memory) is freed here
     if device is not None:
         model.to(device)
+        for m in wrapped.values():
+            if getattr(m, "lora_A0", None) is not None:
+                m.lora_A0, m.lora_B0 = m.lora_A0.to(device), m.lora_B0.to(device)
     return wrapped
 
 
-def lora_update_ratio(wrapped: dict[str, LoRALinear], base_norms: dict[str, float]) -> float:
-    """Mean over layers of ||s B A||_F / ||W||_F, with ||B A||_F^2 = tr((B^T B)(A A^T)): two r x r products, never the
-    (out, in) matrix."""
-    ratios = []
-    for name, m in wrapped.items():
-        with torch.no_grad():
-            A, B = dist.full_tensor(m.lora_A), dist.full_tensor(m.lora_B)  # (r, in), (out, r): small
-            sq = torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0)
-        ratios.append(m.scaling * sq.sqrt().item() / base_norms[name])
+def lora_update_ratio(wrapped: dict, base_norms: dict[str, float]) -> float:
+    """Mean over layers of ||change of the layer's weight||_F / ||W||_F (LoRA: s B A - s B0 A0; OFT: W R^T - W)."""
+    with torch.no_grad():
+        ratios = [math.sqrt(m.delta_sq_norm()) / base_norms[name] for name, m in wrapped.items()]
     return sum(ratios) / len(ratios)
 
 
-def lora_weight_drift(wrapped: dict[str, LoRALinear], initial_sq_norm: float) -> float:
-    """eval/weight_drift of a LoRA model: ||theta - theta_init||_F / ||theta_init||_F over every weight, where the
-    only change is each adapted layer's s B A (the rest is frozen): sqrt(sum_l s^2 ||B A||^2) / sqrt(initial_sq_norm),
-    ||B A||_F^2 = tr((B^T B)(A A^T)); `initial_sq_norm` = the squared norm of all the model's weights at the start."""
-    sq = 0.0
-    for m in wrapped.values():
-        with torch.no_grad():
-            A, B = dist.full_tensor(m.lora_A), dist.full_tensor(m.lora_B)  # (r, in), (out, r): small
-            sq += m.scaling**2 * torch.trace((B.T @ B) @ (A @ A.T)).clamp_min(0).item()
+def lora_weight_drift(wrapped: dict, initial_sq_norm: float) -> float:
+    """eval/weight_drift of an adapted model: ||theta - theta_init||_F / ||theta_init||_F over every weight, where
+    the only change is each adapted layer's effective weight (the rest is frozen): sqrt(sum_l ||dW_l||^2) /
+    sqrt(initial_sq_norm); `initial_sq_norm` = the squared norm of all the model's weights at the start."""
+    with torch.no_grad():
+        sq = sum(m.delta_sq_norm() for m in wrapped.values())
     return math.sqrt(sq / max(initial_sq_norm, 1e-24))
 
 
 @contextlib.contextmanager
-def adapters_off(model: nn.Module, wrapped: dict[str, LoRALinear]):
-    """The base model, the initial model of the run: every adapter's scale set to 0 for the duration (s B A x
-    contributes exactly 0), for eval/kl_to_init without a second copy of the weights."""
-    scalings = {name: m.scaling for name, m in wrapped.items()}
+def adapters_off(model: nn.Module, wrapped: dict):
+    """The base alone, every adapter switched off for the duration: the run's initial model (not with PiSSA, whose
+    initial model is residual + s B0 A0, the original W), for eval/kl_to_init without a second copy of the weights."""
     for m in wrapped.values():
-        m.scaling = 0.0
+        m.enabled = False
     try:
         yield model
     finally:
-        for name, m in wrapped.items():
-            m.scaling = scalings[name]
+        for m in wrapped.values():
+            m.enabled = True
 
 
-def adapter_state_dict(wrapped: dict[str, LoRALinear]) -> dict[str, torch.Tensor]:
-    """The adapters under PEFT's key names: base_model.model.<module>.lora_A.weight (r, in) / lora_B.weight (out, r).
-    Under torchrun a collective (sharded adapters are gathered)."""
+def adapter_state_dict(wrapped: dict) -> dict[str, torch.Tensor]:
+    """The adapters under PEFT's key names, fp32 on the CPU. LoRA: base_model.model.<module>.lora_A.weight (r, in) /
+    lora_B.weight (out, r); PiSSA converted to a rank-2r LoRA of the original W, A' = [A; A0], B' = [B, -B0], so
+    s' B' A' = s (B A - B0 A0) (PEFT's path_initial_model_for_weight_conversion; s' = s: alpha doubles, or x sqrt 2
+    with rsLoRA); OFT: <module>.oft_R.weight (n, b(b-1)/2). Under torchrun a collective (sharded adapters gathered)."""
     out = {}
     for name, m in wrapped.items():
-        out[f"base_model.model.{name}.lora_A.weight"] = dist.full_tensor(m.lora_A.detach()).float().cpu().contiguous()
-        out[f"base_model.model.{name}.lora_B.weight"] = dist.full_tensor(m.lora_B.detach()).float().cpu().contiguous()
+        key = f"base_model.model.{name}"
+        if isinstance(m, OFTLinear):
+            out[f"{key}.oft_R.weight"] = dist.full_tensor(m.oft_R.detach()).float().cpu().contiguous()
+            continue
+        A, B = dist.full_tensor(m.lora_A.detach()).float().cpu(), dist.full_tensor(m.lora_B.detach()).float().cpu()
+        if m.lora_A0 is not None:
+            A, B = torch.cat([A, m.lora_A0.float().cpu()]), torch.cat([B, -m.lora_B0.float().cpu()], dim=1)
+        out[f"{key}.lora_A.weight"], out[f"{key}.lora_B.weight"] = A.contiguous(), B.contiguous()
     return out
 
 
-def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, tokenizer=None) -> Path:
-    """A PEFT LoRA adapter directory: adapter_config.json + adapter_model.safetensors (+ the tokenizer), written to
-    `out_dir.tmp` and renamed into place (as common.model.save_model). Under torchrun every rank calls it; rank 0
-    writes."""
+def save_adapter(out_dir: Path, wrapped: dict, args: Args, tokenizer=None) -> Path:
+    """A PEFT adapter directory (LoRA, or OFT with `--adapter oft`): adapter_config.json + adapter_model.safetensors
+    (+ the tokenizer), loadable on the original base (a PiSSA adapter is converted, see `adapter_state_dict`),
+    written to `out_dir.tmp` and renamed into place (as common.model.save_model). Under torchrun every rank calls
+    it; rank 0 writes."""
     out_dir = Path(out_dir)
     state = adapter_state_dict(wrapped)
     if not dist.is_main():
@@ -420,21 +550,38 @@ def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, toke
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    config = {
-        "peft_type": "LORA",
+    common = {
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": args.model,
-        "r": args.lora_r,
-        "lora_alpha": args.lora_alpha,
-        "lora_dropout": args.lora_dropout,
-        "use_rslora": args.use_rslora,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in wrapped}),
         "bias": "none",
         "fan_in_fan_out": False,
-        "init_lora_weights": True,
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if args.adapter == "oft":
+        config = {
+            "peft_type": "OFT",
+            "r": 0,  # the number of blocks follows from each layer's input size / oft_block_size
+            "oft_block_size": args.oft_block_size,
+            "module_dropout": 0.0,
+            "init_weights": True,
+            "coft": False,
+            "block_share": False,
+            "use_cayley_neumann": False,  # the exact Cayley transform, as here
+            **common,
+        }
+    else:
+        pissa = args.init_lora_weights == "pissa"
+        config = {
+            "peft_type": "LORA",
+            "r": args.lora_r * (2 if pissa else 1),
+            "lora_alpha": args.lora_alpha * ((math.sqrt(2) if args.use_rslora else 2) if pissa else 1),
+            "lora_dropout": args.lora_dropout,
+            "use_rslora": args.use_rslora,
+            "init_lora_weights": True,
+            **common,
+        }
     (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(state, str(tmp / "adapter_model.safetensors"))
     if tokenizer is not None:
@@ -443,19 +590,27 @@ def save_adapter(out_dir: Path, wrapped: dict[str, LoRALinear], args: Args, toke
     return tmp.rename(out_dir)
 
 
-def load_adapter(in_dir: Path, wrapped: dict[str, LoRALinear]) -> None:
+def load_adapter(in_dir: Path, wrapped: dict) -> None:
+    """The inverse of `save_adapter` onto freshly built adapters (`add_lora` with the run's flags): a PiSSA adapter's
+    first r rows / columns are the trained A / B."""
     state = load_file(str(Path(in_dir) / "adapter_model.safetensors"))
     with torch.no_grad():
         for name, m in wrapped.items():
-            m.lora_A.copy_(state[f"base_model.model.{name}.lora_A.weight"])
-            m.lora_B.copy_(state[f"base_model.model.{name}.lora_B.weight"])
+            key = f"base_model.model.{name}"
+            if isinstance(m, OFTLinear):
+                m.oft_R.copy_(state[f"{key}.oft_R.weight"])
+                continue
+            r = m.lora_A.shape[0]
+            m.lora_A.copy_(state[f"{key}.lora_A.weight"][:r])
+            m.lora_B.copy_(state[f"{key}.lora_B.weight"][:, :r])
 
 
 @torch.no_grad()
-def merge_lora(model: nn.Module, wrapped: dict[str, LoRALinear]) -> nn.Module:
-    """Replace each LoRALinear by a plain nn.Linear holding W + s B A (W dequantized if quantized), in place."""
+def merge_lora(model: nn.Module, wrapped: dict) -> nn.Module:
+    """Replace each adapted layer by a plain nn.Linear holding its effective weight (W + s B A, with PiSSA the
+    residual + s B A; OFT: W R^T; W dequantized if quantized), in place."""
     for name, m in wrapped.items():
-        weight = m.base_weight(torch.float32) + m.scaling * (m.lora_B @ m.lora_A)
+        weight = m.merged_weight()
         dtype = m.base.compute_dtype if isinstance(m.base, QuantizedLinear) else m.base.weight.dtype
         linear = nn.Linear(m.base.in_features, m.base.out_features, bias=m.base.bias is not None)
         linear = linear.to(device=weight.device, dtype=dtype)
@@ -493,6 +648,10 @@ def main(args: Args) -> None:
         die(f"--lora-r must be >= 1, got {args.lora_r}")
     if not 0 <= args.lora_dropout < 1:
         die(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.adapter == "oft" and (args.init_lora_weights != "default" or args.lora_dropout):
+        die("--init-lora-weights and --lora-dropout apply to --adapter lora (OFT starts at the identity, no dropout)")
+    if args.oft_block_size < 2 or args.pissa_niter < 0:
+        die(f"--oft-block-size must be >= 2 and --pissa-niter >= 0, got {args.oft_block_size}, {args.pissa_niter}")
     torch.manual_seed(args.seed)
 
     tokenizer = load_tokenizer(args.model, args.chat_template_kwargs)
@@ -538,7 +697,7 @@ def main(args: Args) -> None:
     if args.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     model = dist.wrap(model, train=True, mixed_precision=False)  # torchrun: FSDP2 shards base and adapters alike
-    trainable = [p for m in wrapped.values() for p in (m.lora_A, m.lora_B)]  # (sharded, under torchrun)
+    trainable = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad]  # A, B or oft_R
     num_trainable = sum(p.numel() for p in trainable)
     num_total = sum(p.numel() for p in model.parameters()) + sum(
         math.prod(m.base.weight_shape) for m in wrapped.values() if isinstance(m.base, QuantizedLinear)
@@ -551,12 +710,13 @@ def main(args: Args) -> None:
         ]
     )
     model.train()
+    pissa = args.init_lora_weights == "pissa"  # its initial model is W itself: a host copy, not adapters off
     drift = Drift(  # eval/kl_to_init to the base model: the same model with its adapters off, no second copy
         args,
         eval_records,
         device,
         args.eval_max_new_tokens,
-        context=lambda: adapters_off(model, wrapped),
+        context=None if pissa else lambda: adapters_off(model, wrapped),
         drift_fn=lambda _: lora_weight_drift(wrapped, initial_sq_norm),
     )
 
@@ -571,7 +731,13 @@ def main(args: Args) -> None:
         f"{'up to ' if args.packing else ''}{grad_accum_steps} micro-batches/step"
         + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
         + "  |  "
-        f"LoRA r={args.lora_r} alpha={args.lora_alpha} on {len(names)} linear layers: {num_trainable:,} trainable of "
+        + (
+            f"OFT blocks of {args.oft_block_size}"
+            if args.adapter == "oft"
+            else f"LoRA r={args.lora_r} alpha={args.lora_alpha}"
+            + (" (PiSSA init)" if args.init_lora_weights == "pissa" else "")
+        )
+        + f" on {len(names)} linear layers: {num_trainable:,} trainable of "
         f"{num_total:,} parameters ({100 * num_trainable / num_total:.2f}%) on {device}"
         + (f"  |  resumed at step {start_step} from {ckpt}" if ckpt else "")
     )

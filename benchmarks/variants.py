@@ -2,13 +2,16 @@
 
     python benchmarks/variants.py grpo          # GRPO, GSPO, CISPO, RLOO, REINFORCE++, overlong shaping
     python benchmarks/variants.py opd           # the four --objective values side by side
+    python benchmarks/variants.py lora          # LoRA, PiSSA-initialized LoRA, OFT
     python benchmarks/variants.py grpo --only cispo rloo
 
 Each variant is the real command line (`python grpo.py ...` / `python opd.py ...` with the script's defaults plus the
 variant's flags), run one after the other in fresh processes (never two at once: on 2 CPU cores they slow each other
 ~8x), and its row is read back from the run's metrics.jsonl: the final held-out target accuracy, general accuracy,
 the KL of the final rollout policy to the initial model (grpo: `train/kl` (k3) and `train/kl_k1`, measured on the last
-step's rollout; opd: `train/reverse_kl` to the teacher), and the process's wall time (including its evaluations).
+step's rollout; opd: `train/reverse_kl` to the teacher), the drift from the initial model every script logs at its
+last evaluation (`eval/kl_to_init`, k3 on the model's own samples, and `eval/weight_drift`), and the process's wall
+time (including its evaluations).
 """
 
 from __future__ import annotations
@@ -44,12 +47,17 @@ VARIANTS = {
         "forward-topk": ["--objective", "forward-topk"],
         "jsd": ["--objective", "jsd"],
     },
+    "lora": {
+        "lora": [],
+        "pissa": ["--init-lora-weights", "pissa"],
+        "oft": ["--adapter", "oft"],
+    },
 }
 
 
 @dataclass
 class Args:
-    script: tyro.conf.Positional[Literal["grpo", "opd"]]
+    script: tyro.conf.Positional[Literal["grpo", "opd", "lora"]]
     """which script's variants"""
     only: list[str] = field(default_factory=list)
     """run only these variants (default: all)"""
@@ -64,16 +72,19 @@ def row(script: str, name: str, flags: list[str], out: Path) -> dict:
     wall = time.time() - t0
     records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
     last = records[-1]
-    kl = (
-        f"{last['train/kl']:.3f} / {last['train/kl_k1']:.3f}"
-        if "train/kl" in last
-        else f"{last.get('train/reverse_kl', float('nan')):.3f}"
-    )
+    if "train/kl" in last:
+        kl = f"{last['train/kl']:.3f} / {last['train/kl_k1']:.3f}"
+    elif "train/reverse_kl" in last:
+        kl = f"{last['train/reverse_kl']:.3f}"
+    else:
+        kl = "—"
+    drift = f"{last['eval/kl_to_init']:.3f} / {last['eval/weight_drift']:.4f}" if "eval/kl_to_init" in last else "—"
     return {
         "command": f"python {script}.py {' '.join(flags)}",
         "accuracy": last["eval/accuracy"],
         "general": last["eval/general_accuracy"],
         "kl": kl,
+        "drift": drift,
         "wall_s": wall,
         "extra": {k: v for k, v in last.items() if k in ("rollout/overlong_penalty", "train/clip_frac_high")},
     }
@@ -85,15 +96,18 @@ def main(args: Args) -> None:
     if unknown:
         raise SystemExit(f"error: --only {sorted(unknown)}: {args.script} has {list(VARIANTS[args.script])}")
     out = Path(args.output_dir or tempfile.mkdtemp(prefix="variants-"))
-    kl_name = "KL to tiny-base (k3 / k1)" if args.script == "grpo" else "reverse KL to the teacher"
-    print(f"| variant | command | eval/accuracy | eval/general_accuracy | {kl_name} | time |")
-    print("|---|---|---|---|---|---|")
+    kl_name = {"grpo": "train/kl (k3 / k1)", "opd": "train/reverse_kl", "lora": "-"}[args.script]
+    print(
+        f"| variant | command | eval/accuracy | eval/general_accuracy | {kl_name} | eval/kl_to_init / weight_drift "
+        "| time |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, flags in variants.items():
         r = row(args.script, name, flags, out)
         m, s = divmod(round(r["wall_s"]), 60)
         print(
-            f"| {name} | `{r['command']}` | {r['accuracy']:.3f} | {r['general']:.3f} | {r['kl']} | {m} min {s} s |"
-            + (f" {r['extra']}" if r["extra"] else ""),
+            f"| {name} | `{r['command']}` | {r['accuracy']:.3f} | {r['general']:.3f} | {r['kl']} | {r['drift']} "
+            f"| {m} min {s} s |" + (f" {r['extra']}" if r["extra"] else ""),
             flush=True,
         )
 

@@ -266,3 +266,122 @@ def test_quantized_linear_is_built_on_the_target_device_from_a_host_layer():
     q = QuantizedLinear(torch.nn.Linear(128, 64, bias=True), "nf4", device=torch.device("meta"))
     assert {t.device.type for t in (q.codes, q.absmax, q.codebook, q.bias)} == {"meta"}
     assert q(torch.empty(2, 128, device="meta")).device.type == "meta"
+
+
+def _train_a_few_steps(model, wrapped, steps=3, lr=0.05):
+    params = [p for m in wrapped.values() for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)  # Adam: steps of ~lr whatever the gradient scale
+    for _ in range(steps):
+        loss = model(_ids()).logits.logsumexp(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+OFT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj"  # the test model's down_proj has 89 (prime) inputs
+
+
+def test_oft_is_the_identity_at_init_and_stays_orthogonal(random_model_dir):
+    from lora import OFTLinear
+
+    base, model = _model(random_model_dir), _model(random_model_dir)
+    wrapped = add_lora(model, target_names(model, OFT_TARGETS), Args(adapter="oft", oft_block_size=8))
+    assert all(isinstance(m, OFTLinear) for m in wrapped.values())
+    with torch.no_grad():
+        assert torch.equal(model(_ids()).logits, base(_ids()).logits)  # R = I exactly: (I - 0)(I + 0)^-1
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == [f"{n}.oft_R" for n in wrapped]
+    _train_a_few_steps(model, wrapped)
+    with torch.no_grad():
+        for m in wrapped.values():
+            R = m.rotation().double()  # (n, b, b)
+            assert (m.oft_R.abs().max() > 1e-3) and not torch.allclose(R, torch.eye(8, dtype=R.dtype))
+            eye = torch.eye(8, dtype=torch.float64).expand_as(R)
+            torch.testing.assert_close(R @ R.transpose(1, 2), eye, atol=1e-5, rtol=0)  # orthogonal
+            # W R^T keeps W's singular values: only the input space is rotated
+            sv = torch.linalg.svdvals(m.merged_weight().double())
+            torch.testing.assert_close(sv, torch.linalg.svdvals(m.base_weight().double()), atol=1e-4, rtol=1e-5)
+        # the merged model computes what the adapted one does
+        out = model(_ids()).logits
+        torch.testing.assert_close(merge_lora(model, wrapped)(_ids()).logits, out, atol=1e-4, rtol=1e-4)
+
+
+def test_oft_block_size_must_divide_the_inputs(random_model_dir):
+    model = _model(random_model_dir)
+    with pytest.raises(SystemExit, match="--oft-block-size 8 does not divide model.layers.0.mlp.down_proj's 89"):
+        add_lora(model, target_names(model, "all-linear"), Args(adapter="oft", oft_block_size=8))
+
+
+def test_pissa_reconstructs_w_exactly_at_init(random_model_dir):
+    from lora import pissa_factors
+
+    base, model = _model(random_model_dir), _model(random_model_dir)
+    args = Args(init_lora_weights="pissa", lora_r=4, lora_alpha=8)
+    originals = {n: model.get_submodule(n).weight.detach().clone() for n in target_names(model, "all-linear")}
+    wrapped = add_lora(model, list(originals), args)
+    for name, m in wrapped.items():
+        w = originals[name].double()
+        s = m.scaling
+        # the residual plus the adapter is W; the adapter is W's best rank-r part (its top-r singular values)
+        torch.testing.assert_close(m.merged_weight().double(), w, atol=1e-5, rtol=0)
+        top = torch.linalg.svdvals(w)[:4]
+        adapter_sv = torch.linalg.svdvals(s * m.lora_B.double() @ m.lora_A.double())[:4]
+        torch.testing.assert_close(adapter_sv, top, atol=1e-5, rtol=1e-5)  # (an fp32 SVD)
+        residual_sv = torch.linalg.svdvals(m.base_weight().double())[:4]
+        torch.testing.assert_close(residual_sv, torch.linalg.svdvals(w)[4:8], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, base(_ids()).logits, atol=1e-4, rtol=0)
+    # --pissa-niter (randomized SVD): W is still reconstructed exactly (the residual absorbs the approximation),
+    # and the adapter still holds most of the top-r energy
+    w = originals[next(iter(originals))]
+    a0, b0, residual = pissa_factors(w, 4, 2.0, niter=4)
+    torch.testing.assert_close(residual + 2.0 * b0 @ a0, w, atol=1e-5, rtol=0)
+    energy = torch.linalg.svdvals(2.0 * b0 @ a0).pow(2).sum() / torch.linalg.svdvals(w)[:4].pow(2).sum()
+    assert 0.9 < energy <= 1 + 1e-5
+
+
+@pytest.mark.parametrize("variant", ["oft", "pissa"])
+def test_peft_loads_oft_and_pissa_adapters_with_the_same_logits(random_model_dir, tmp_path, variant):
+    """Saved after training steps, loaded by PEFT onto the original base model: the same logits (PiSSA as the
+    rank-2r LoRA of W's change, as PEFT's own conversion writes it)."""
+    import peft
+
+    model = _model(random_model_dir)
+    extra = {"adapter": "oft", "oft_block_size": 8} if variant == "oft" else {"init_lora_weights": "pissa"}
+    args = Args(model=str(random_model_dir), lora_r=4, lora_alpha=8, **extra)
+    targets = OFT_TARGETS if variant == "oft" else "all-linear"
+    wrapped = add_lora(model, target_names(model, targets), args)
+    _train_a_few_steps(model, wrapped)
+    save_adapter(tmp_path / "adapter", wrapped, args)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("OFT" if variant == "oft" else "LORA")
+    peft_model = peft.PeftModel.from_pretrained(_model(random_model_dir), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours = model(_ids()).logits
+        assert not torch.allclose(ours, _model(random_model_dir)(_ids()).logits, atol=1e-3)  # training moved it
+        torch.testing.assert_close(peft_model(_ids()).logits, ours, atol=1e-4, rtol=1e-4)
+    # and our own loader rebuilds the same model from the saved directory
+    again = _model(random_model_dir)
+    again_wrapped = add_lora(again, target_names(again, targets), args)
+    load_adapter(tmp_path / "adapter", again_wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [["--adapter", "oft", "--oft-block-size", "8", "--target-modules", OFT_TARGETS], ["--init-lora-weights", "pissa"]],
+)
+def test_cli_oft_and_pissa_with_merge(tmp_path, random_model_dir, variant):
+    run_script(
+        ROOT / "lora.py", "--model", random_model_dir, "--eval-prompts", "", "--max-steps", "3", "--batch-size", "8",
+        "--micro-batch-size", "4", "--merge", "--output-dir", tmp_path, "--run-name", "run", *variant,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert rows[-1]["train/lora_update_ratio"] > 0
+    import peft
+
+    merged = AutoModelForCausalLM.from_pretrained(run / "merged").eval()
+    peft_model = peft.PeftModel.from_pretrained(_model(random_model_dir), run / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_ids()).logits, peft_model(_ids()).logits, atol=1e-4, rtol=1e-4)
