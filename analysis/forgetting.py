@@ -203,10 +203,12 @@ def plot(runs: list[dict], path: Path) -> bool:
         general = [p["eval/general_accuracy"] for p in r["points"]]
         label = None if r["method"] in labelled else r["method"]  # one legend entry a method, whatever its lrs
         labelled.add(r["method"])
-        left.plot(gains, general, "-o", color=color, ms=3, lw=1, alpha=0.85, label=label)
+        lowest = min(q["lr"] for q in runs if q["method"] == r["method"])
+        style = "--o" if r["lr"] == lowest and len({q["lr"] for q in runs if q["method"] == r["method"]}) > 1 else "-o"
+        left.plot(gains, general, style, color=color, ms=3, lw=1, alpha=0.85, label=label)
         left.plot(gains[-1:], general[-1:], "o", color=color, ms=6)  # the run's end
     left.set(xlabel="target accuracy gain (eval/accuracy - step 0)", ylabel="general accuracy (other skills)")
-    left.set_title("what each method gains and keeps (points: evaluations)", fontsize=9)
+    left.set_title("what each method gains and keeps (points: evaluations; dashed: lower lr)", fontsize=9)
     left.legend(fontsize=7, loc="lower left")
     fam_colors = {}
     for family, (xs, ys) in families(runs).items():

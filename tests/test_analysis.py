@@ -1,4 +1,5 @@
-"""analysis/forgetting.py and analysis/interpolate.py end to end on tiny runs, and their errors on bad input."""
+"""analysis/forgetting.py and analysis/interpolate.py end to end on tiny runs, and their errors on bad input. Marked
+slow: they train three 2-step runs (the quick loop keeps the pure functions and one CLI test per script)."""
 
 import json
 import sys
@@ -21,6 +22,7 @@ def grid(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_forgetting_trains_reads_and_writes_the_frontier(grid):
     table = (grid / "forgetting.md").read_text()
     for method in ("sft", "lora", "grpo"):
@@ -32,6 +34,7 @@ def test_forgetting_trains_reads_and_writes_the_frontier(grid):
     assert (grid / "forgetting.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_forgetting_reads_existing_runs_and_fits_by_hand(grid, tmp_path):
     import forgetting
 
@@ -65,6 +68,7 @@ def test_a_bad_run_directory_gets_one_line(tmp_path, setup, message):
     assert last.startswith(f"error: --runs {run}") and message in last
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "lora"])
 def test_interpolation_ends_at_both_models(grid, tmp_path, method):
     """alpha 0 is the base (KL 0, its accuracy), alpha 1 the fine-tuned model (a full model, or an adapter merged)."""

@@ -121,6 +121,7 @@ def test_lora_adapters_off_is_the_base_and_its_drift_is_the_merged_update(random
     assert lora.lora_weight_drift(wrapped, initial_sq) == pytest.approx(math.sqrt(merged_sq / initial_sq), rel=1e-5)
 
 
+@pytest.mark.slow  # six short runs; the quick loop has the brute-force and zero-at-init tests
 @pytest.mark.parametrize(
     "script,extra",
     [
