@@ -23,7 +23,6 @@ from contextlib import AbstractContextManager as ContextManager
 
 import torch
 
-from common import dist
 from common.generation import derive_seed, generate
 from common.logprobs import completion_logprobs
 from common.model import load_model, offload_to_host, on_device, resolve_dtype
@@ -48,9 +47,8 @@ def resident(model: torch.nn.Module) -> Callable[[], ContextManager]:
 
 def kl_prompts(records: list[dict], target_skill: str, n: int) -> list:
     """The fixed held-out prompts of the KL: the first `n` evaluation records of the target skill (records without a
-    skill count as target, as in `evaluate`), a multiple of the process count so every process samples alike."""
-    prompts = [r["prompt"] for r in records if r.get("skill", target_skill) == target_skill][:n]
-    return prompts[: len(prompts) // dist.world_size() * dist.world_size()]
+    skill count as target, as in `evaluate`)."""
+    return [r["prompt"] for r in records if r.get("skill", target_skill) == target_skill][:n]
 
 
 class Drift:
@@ -119,8 +117,10 @@ def kl_to_init(
 ) -> dict:
     """eval/kl_to_init (k3), eval/kl_to_init_k1 and eval/kl_to_init_tokens of `policy` to the initial model on
     `samples` completions per prompt of `policy` itself at temperature 1 (the distributions themselves, whatever the
-    training temperature). `initial()` is a context manager yielding the initial model on the policy's device. Each
-    process takes every N-th prompt; the sums are reduced over processes. Log-probs over the tokenizer's ids."""
+    training temperature). `initial()` is a context manager yielding the initial model on the policy's device.
+    Under torchrun every process computes it over all the prompts with the same seed, so every process, and any
+    process count, gets the one-process value (the cost does not shrink with processes: 256 short completions by
+    default). Log-probs over the tokenizer's ids."""
     if not prompts:
         return {}
     device = next(policy.parameters()).device
@@ -130,13 +130,13 @@ def kl_to_init(
     out = generate(
         policy,
         tokenizer,
-        dist.strided(prompts),
+        prompts,
         n=samples,
         max_new_tokens=max_new_tokens,
         temperature=1.0,
         batch_size=batch_size,
         max_tokens=max_tokens,
-        seed=derive_seed(seed, "kl_to_init", 0, 0, dist.rank()),  # the same draw at every evaluation
+        seed=derive_seed(seed, "kl_to_init", 0),  # the same draw at every evaluation, on every process
     )
     seqs = [out[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")]
     mask = out["completion_mask"].to(device).float()
@@ -157,7 +157,7 @@ def kl_to_init(
     d = (init_logps - policy_logps) * mask
     k3 = ((torch.exp(d) - d - 1) * mask).sum()
     k1 = (-d).sum()
-    k3, k1, n = dist.all_reduce([float(k3), float(k1), float(mask.sum())])
+    k3, k1, n = float(k3), float(k1), float(mask.sum())  # the same on every process: no reduction
     return {
         "eval/kl_to_init": k3 / max(n, 1.0),
         "eval/kl_to_init_k1": k1 / max(n, 1.0),

@@ -36,7 +36,7 @@ def _brute_force(policy, initial, tokenizer, prompts, samples, max_new_tokens, s
     forward, without padding: log-softmax of the logits at the positions before each completion token."""
     out = generate(
         policy, tokenizer, prompts, n=samples, max_new_tokens=max_new_tokens, temperature=1.0, batch_size=4,
-        seed=derive_seed(seed, "kl_to_init", 0, 0, 0),
+        seed=derive_seed(seed, "kl_to_init", 0),
     )  # fmt: skip
     k1, k3, n = 0.0, 0.0, 0
     vocab = len(tokenizer)
