@@ -747,15 +747,14 @@ def main(args: Args) -> None:
             )
 
         r = all_rewards
-        lengths = all_lengths
         per_fn = {k: dist.all_gather(torch.tensor(v, dtype=torch.float64)) for k, v in rollout["per_fn"].items()}
         metrics.update(
             {
                 "rollout/reward_mean": r.mean().item(),
                 "rollout/reward_std": r.std().item(),
                 **{f"rollout/reward/{k}": v.mean().item() for k, v in per_fn.items()},
-                "rollout/completion_len": lengths.mean().item(),
-                "rollout/completion_len_max": lengths.max().item(),
+                "rollout/completion_len": all_lengths.mean().item(),
+                "rollout/completion_len_max": all_lengths.max().item(),
                 "rollout/truncated_frac": dist.all_gather(rollout["truncated"].float()).mean().item(),
                 "rollout/zero_std_frac": n_zero_std / max(1, n_groups_seen),
                 **(
