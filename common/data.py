@@ -411,6 +411,8 @@ def _check_messages(messages, path, record, field) -> None:
             die(f"{_where(path, record)}: field '{field}[{i}].role' is {m['role']!r}, not one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             die(f"{_where(path, record)}: field '{field}[{i}].content' must be a string")
+        if "weight" in m and (m["role"] != "assistant" or m["weight"] not in (0, 1)):
+            die(f"{_where(path, record)}: field '{field}[{i}].weight' must be 0 or 1, on an assistant message")
 
 
 def to_messages(record: dict, path) -> list[dict] | None:
@@ -497,7 +499,9 @@ def fit_prompts(
     return keep
 
 
-def prompt_budget(max_prompt_length: int | None, model: str, max_new_tokens: int) -> int:
+def prompt_budget(
+    max_prompt_length: int | None, model: str, max_new_tokens: int, flag: str = "--max-new-tokens"
+) -> int:
     """--max-prompt-length, or by default the model's context (`max_position_embeddings`) minus --max-new-tokens."""
     if max_prompt_length is not None:
         if max_prompt_length < 1:
@@ -514,7 +518,7 @@ def prompt_budget(max_prompt_length: int | None, model: str, max_new_tokens: int
     if context is None:
         return 1 << 30
     if context <= max_new_tokens:
-        die(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in {model}'s {context}-token context")
+        die(f"{flag} {max_new_tokens} leaves no room for a prompt in {model}'s {context}-token context")
     return context - max_new_tokens
 
 
@@ -570,12 +574,14 @@ def _assistant_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[i
 
 def tokenize_conversation(tokenizer, messages: list[dict], train_from: int = 0) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for a conversation; labels are IGNORE_INDEX everywhere but the assistant's tokens
-    (every assistant turn from message `train_from` on, its end-of-turn token included). Works with any chat
+    (every assistant turn from message `train_from` on, its end-of-turn token included, except those with
+    `"weight": 0`, as in OpenAI's fine-tuning format: context, not trained on). Works with any chat
     template, with or without `{% generation %}` markers: the spans come from the rendered text and map to tokens by
     character offsets."""
     text = apply_template(tokenizer, messages)
     spans = _assistant_spans(tokenizer, messages, text)
-    spans = spans[sum(m["role"] == "assistant" for m in messages[:train_from]) :]
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]  # one span each, in order
+    spans = [span for span, i in zip(spans, assistant) if i >= train_from and messages[i].get("weight", 1) != 0]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [IGNORE_INDEX] * len(enc["input_ids"])
     for k, (tok, (a, b)) in enumerate(zip(enc["input_ids"], enc["offset_mapping"])):
@@ -1214,17 +1220,21 @@ def count_loss_tokens(batches: list[dict]) -> int:
     return int(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in batches))
 
 
-def fit_rollout_prompts(train_sources: list[list[dict]], eval_records: list[dict], tokenizer, args):
+def fit_rollout_prompts(
+    train_sources: list[list[dict]], eval_records: list[dict], tokenizer, args, new_tokens: int | None = None
+):
     """grpo/ppo/opd's prompts, made to fit: each `--dataset` source's prompts longer than `--max-prompt-length`
     (default: the model's context minus `--max-new-tokens`) dropped and counted, the evaluation prompts against
-    the room their own answers need (`--eval-max-new-tokens`, default `--max-new-tokens`). Returns the training
-    `Mixture` and the evaluation records that fit."""
-    max_prompt = prompt_budget(args.max_prompt_length, args.model, args.max_new_tokens)
+    the room their own answers need (`--eval-max-new-tokens`, default `--max-new-tokens`). `new_tokens`: the room
+    after the prompt instead, for training and evaluation (grpo.py --env: --max-episode-tokens). Returns the
+    training `Mixture` and the evaluation records that fit."""
+    flag = "--max-episode-tokens" if new_tokens else "--max-new-tokens"
+    max_prompt = prompt_budget(args.max_prompt_length, args.model, new_tokens or args.max_new_tokens, flag)
     train = Mixture(
         [fit_prompts(p, tokenizer, max_prompt, source) for p, source in zip(train_sources, args.dataset)],
         args.dataset,
         args.dataset_weights,
     )
-    eval_new_tokens = args.eval_max_new_tokens or args.max_new_tokens
-    eval_prompt = prompt_budget(args.max_prompt_length, args.model, eval_new_tokens)
+    eval_new_tokens = new_tokens or args.eval_max_new_tokens or args.max_new_tokens
+    eval_prompt = prompt_budget(args.max_prompt_length, args.model, eval_new_tokens, flag)
     return train, fit_prompts(eval_records, tokenizer, eval_prompt, "--eval-prompts")

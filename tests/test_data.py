@@ -52,6 +52,19 @@ def test_multi_turn_mask_covers_every_assistant_turn_and_nothing_else(chat_token
     assert [int(x != IGNORE_INDEX) for x in labels] == ref["assistant_masks"]
 
 
+def test_weight_zero_assistant_turns_are_context_not_loss(chat_tokenizer):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 is in the input but not in the loss."""
+    conversation = [dict(m) for m in CONVERSATION]
+    conversation[2]["weight"] = 0
+    ids, labels = tokenize_conversation(chat_tokenizer, conversation)
+    assert labeled_text(chat_tokenizer, labels) == ["cba<|im_end|>"]
+    assert ids == tokenize_conversation(chat_tokenizer, CONVERSATION)[0]  # the same tokens, one turn fewer trained
+    for bad in ({"role": "assistant", "content": "x", "weight": 0.5}, {"role": "user", "content": "x", "weight": 0}):
+        with pytest.raises(SystemExit, match=r"f.jsonl:3: field 'messages\[1\]\.weight' must be 0 or 1"):
+            tokenize_sft_record(chat_tokenizer, {"messages": [CONVERSATION[1], bad, CONVERSATION[2]], "_line": 3},
+                                "f.jsonl")  # fmt: skip
+
+
 QWEN3_LIKE = (  # renders an empty <think> block only on assistant turns after the last user message
     "{%- set ns = namespace(last=0) %}{%- for m in messages %}{%- if m.role == 'user' %}{%- set ns.last = loop.index0 %}"
     "{%- endif %}{%- endfor %}{%- for m in messages %}{{- '<|im_start|>' + m.role + '\\n' }}"
