@@ -23,6 +23,16 @@ GRPO) loads no reference model on the accelerator: the KL to the initial policy 
 `--kl-every` steps with a frozen copy of the initial policy kept in host memory and streamed to the accelerator for
 each probe (one forward over the rollout in the compute dtype).
 
+Multi-turn (`--env calculator | module:factory`, protocol in common/environments.py): each completion is an episode
+of up to `--max-turns` assistant turns, the environment replying after each (tool results, a user turn) until it ends
+the episode with a reward or hands the last turn to `--reward-fn`. The episode is kept as tokens (the sampled ones
+as sampled, the environment's rendered by the chat template for those messages alone), and only the sampled tokens
+are in the loss and the KL:
+
+    python grpo.py --env calculator --model assets/tiny-tool --dataset assets/data/tool_prompts.jsonl \\
+        --eval-prompts assets/data/tool_eval.jsonl --target-skill multiply --max-new-tokens 96 --max-turns 3 \\
+        --max-episode-tokens 160 --max-steps 100 --eval-every 20       # the tiny world's tool skill, ~7 min on a CPU
+
 Under `torchrun --nproc_per_node=N grpo.py ...` each process samples and trains on prompts_per_step / N whole
 groups (a group never straddles processes), with the loss normalized over all processes' tokens.
 """
@@ -42,6 +52,7 @@ import tyro
 from common import die, dist
 from common.data import check_batch_sizes, data_options, fit_rollout_prompts, load_prompts
 from common.drift import Drift
+from common.environments import check_env, load_env, make_envs, run_episodes
 from common.generation import (
     correction_metrics,
     derive_seed,
@@ -156,6 +167,18 @@ class Args:
     """--vllm: the engine's longest prompt + completion (default: the model's context)"""
     vllm_sleep: bool = False
     """--vllm on a GPU: free the engine's KV cache and weights while the policy trains, wake it for rollouts"""
+    env: str | None = None
+    """multi-turn episodes: the built-in calculator (integer arithmetic through Hermes/Qwen <tool_call> JSON) or
+    module:factory, one environment per prompt record that replies after each assistant turn (tool results, a user
+    turn) or ends the episode with a reward (None: --reward-fn scores the last assistant turn); see
+    common/environments.py. --max-new-tokens is then the budget of each turn"""
+    max_turns: int = 4
+    """--env: assistant turns per episode at most (an episode the environment has not ended by then is truncated)"""
+    max_episode_tokens: int | None = None
+    """--env: an episode's tokens after its prompt, sampled and the environment's (default --max-turns x
+    --max-new-tokens); an episode that would pass it ends, truncated"""
+    env_timeout: float = 30.0
+    """--env: seconds one environment call may take before the run stops, naming it and the record (0: no limit)"""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards have zero spread and sample more prompts until the batch is full"""
     max_resample_rounds: int = 4
@@ -402,6 +425,17 @@ def algorithm_defaults(args: Args) -> dict:
     if args.overlong_penalty < 0:
         die(f"--overlong-penalty must be >= 0 (it is subtracted), got {args.overlong_penalty}")
     values = {}
+    if args.env is not None:
+        if args.vllm:
+            die("--env samples episodes with transformers; --vllm rollouts are single-turn for now")
+        if args.overlong_buffer:
+            die("--overlong-buffer is a single-turn length penalty; with --env bound episodes by --max-episode-tokens")
+        if args.max_turns < 1:
+            die(f"--max-turns must be at least 1, got {args.max_turns}")
+        if args.max_episode_tokens is None:
+            values["max_episode_tokens"] = args.max_turns * args.max_new_tokens
+        elif args.max_episode_tokens < 1:
+            die(f"--max-episode-tokens must be at least 1, got {args.max_episode_tokens}")
     if args.loss_type == "grpo" and args.epsilon is None:
         values["epsilon"] = 3e-4 if seq else 0.2
     if args.loss_type == "grpo" and args.epsilon_high is None:
@@ -414,6 +448,9 @@ def algorithm_defaults(args: Args) -> dict:
 
 
 SEQUENCE_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")  # a rollout's (N, ...) tensors
+# completion_* cover everything after the prompt; action_mask the tokens the policy sampled (with --env: not the
+# environment's replies), the only ones in the loss, the KL and the log-prob statistics
+ROLLOUT_KEYS = (*SEQUENCE_KEYS, "action_mask", "truncated", "sampler_logps", "turns", "tool_calls")
 
 
 @torch.no_grad()
@@ -422,7 +459,8 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device, voca
     chunks = []
     for s in range(0, rollout["completion_ids"].shape[0], micro_batch_size):
         part = [rollout[k][s : s + micro_batch_size].to(model_device) for k in SEQUENCE_KEYS]
-        chunks.append(completion_logprobs(model, *part, temperature, vocab=vocab).to(device))
+        actions = rollout["action_mask"][s : s + micro_batch_size].to(model_device)
+        chunks.append(completion_logprobs(model, *part, temperature, action_mask=actions, vocab=vocab).to(device))
     return torch.cat(chunks)
 
 
@@ -437,6 +475,7 @@ def main(args: Args) -> None:
     rank_prompts = dist.local_slice(args.prompts_per_step, "--prompts-per-step")  # whole groups per process
     world = dist.world_size()
     rollout_size = args.prompts_per_step * args.group_size
+    sample_budget = args.max_episode_tokens if args.env else args.max_new_tokens  # sampled tokens a completion may have
     batch_size = args.batch_size or rollout_size
     if args.group_size < 2:
         die("--group-size must be at least 2 (advantages are relative to the group)")
@@ -466,7 +505,12 @@ def main(args: Args) -> None:
     )
     check_reward_fns(args.reward_fn, reward_fns, weights, train_sources[0])  # a broken function fails now
     tokenizer = load_tokenizer(str(ckpt) if ckpt else args.model, args.chat_template_kwargs)
-    train, eval_records = fit_rollout_prompts(train_sources, eval_records, tokenizer, args)  # over-long: dropped
+    env_factory = load_env(args.env) if args.env else None
+    if env_factory is not None:  # a broken environment fails now, before any model is loaded
+        check_env(args.env, env_factory, train_sources[0], tokenizer, args.env_timeout)
+    train, eval_records = fit_rollout_prompts(  # over-long: dropped
+        train_sources, eval_records, tokenizer, args, args.max_episode_tokens if args.env else None
+    )
     prompts = train.items  # every source's prompts, concatenated; `train.indices` draws the steps
     torch.manual_seed(args.seed)
 
@@ -533,6 +577,26 @@ def main(args: Args) -> None:
     )
     tracker.write(train.describe(data_opts))
 
+    def play(records: list[dict], max_new_tokens: int = args.max_new_tokens, **sampling) -> dict:
+        # --env: one episode per record; every live episode's next turn in one batched generation
+        try:
+            return run_episodes(
+                sample,
+                tokenizer,
+                args.env,
+                make_envs(args.env, env_factory, records, args.env_timeout),
+                records,
+                max_turns=args.max_turns,
+                max_new_tokens=max_new_tokens,
+                max_episode_tokens=args.max_episode_tokens,
+                timeout=args.env_timeout,
+                max_tokens=args.generation_max_tokens,
+                **sampling,
+            )
+        except SystemExit:  # an environment failed mid-run: its one-line error is the last line, after the bar
+            tracker.close()
+            raise
+
     def evaluation() -> dict:
         if not eval_records:
             return {}
@@ -546,6 +610,14 @@ def main(args: Args) -> None:
             max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
             max_tokens=args.generation_max_tokens,
             engine=engine,
+            play=functools.partial(
+                play,
+                max_new_tokens=args.eval_max_new_tokens or args.max_new_tokens,
+                greedy=True,
+                batch_size=args.eval_batch_size,
+            )
+            if args.env
+            else None,
         )
         return {**metrics, **drift(policy, tokenizer)}  # eval/kl_to_init, eval/weight_drift
 
@@ -563,21 +635,33 @@ def main(args: Args) -> None:
         for round_ in range(1 + (args.max_resample_rounds if args.dynamic_sampling else 0)):
             idx = train.indices(args.prompts_per_step, step, args.seed + 7919 * round_)[rank_prompts]
             batch = [prompts[i] for i in idx]
-            out = sample(
-                tokenizer,
-                [r["prompt"] for r in batch],
-                n=args.group_size,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                batch_size=gen_batch,
-                max_tokens=args.generation_max_tokens,
-                seed_key=(args.seed, step, round_),
-            )
-            gen_tokens += int(out["completion_mask"].sum())
+            sampling = {
+                "temperature": args.temperature,
+                "top_p": args.top_p,
+                "batch_size": gen_batch,
+                "seed_key": (args.seed, step, round_),
+            }
+            if args.env:  # episodes, G per prompt; calls numbered as if every process had all its rows live
+                rows = [r for r in batch for _ in range(args.group_size)]
+                out = play(rows, first_call=dist.rank() * math.ceil(len(rows) / gen_batch), **sampling)
+            else:
+                out = sample(
+                    tokenizer,
+                    [r["prompt"] for r in batch],
+                    n=args.group_size,
+                    max_new_tokens=args.max_new_tokens,
+                    max_tokens=args.generation_max_tokens,
+                    **sampling,
+                )
+                out["action_mask"] = out["completion_mask"]  # one turn: every completion token was sampled
+                out["turns"] = torch.ones(len(out["texts"]))
+                out["tool_calls"] = torch.zeros(len(out["texts"]))
+            gen_tokens += int(out["action_mask"].sum())
             answers = [r["answer"] for r in batch for _ in range(args.group_size)]
             prompt_list = [r["prompt"] for r in batch for _ in range(args.group_size)]
             rewards, per_fn = compute_rewards(args.reward_fn, reward_fns, weights, prompt_list, out["texts"], answers)
+            if args.env:  # an environment's own reward replaces --reward-fn's (which stays logged, per function)
+                rewards = [r if e is None else e for r, e in zip(rewards, out["env_rewards"])]
             penalty = torch.zeros(len(rewards))  # DAPO's soft overlong punishment, part of the reward
             if args.overlong_buffer:
                 lengths = out["completion_mask"].sum(1)
@@ -591,7 +675,7 @@ def main(args: Args) -> None:
                     continue
                 if len(groups) < len(batch):
                     rows = slice(g * args.group_size, (g + 1) * args.group_size)
-                    group = {k: out[k][rows] for k in (*SEQUENCE_KEYS, "truncated", "sampler_logps")}
+                    group = {k: out[k][rows] for k in ROLLOUT_KEYS}
                     group["rewards"] = rewards[g]
                     group["overlong_penalty"] = penalty[rows]
                     group["per_fn"] = {k: v[rows] for k, v in per_fn.items()}
@@ -611,7 +695,7 @@ def main(args: Args) -> None:
         rollout = _stack_groups(groups, tokenizer.pad_token_id)  # dicts of (N, ...) tensors, N = len(groups) * G
         n = rollout["rewards"].shape[0]
         all_rewards = dist.all_gather(rollout["rewards"])  # every process's, for the batch std and the metrics
-        lengths = rollout["completion_mask"].sum(1)  # (N,)
+        lengths = rollout["action_mask"].sum(1)  # (N,) sampled tokens
         all_lengths = dist.all_gather(lengths.float())
         if args.advantage == "reinforce++":
             advantages = reinforce_pp_advantages(
@@ -620,7 +704,7 @@ def main(args: Args) -> None:
         else:
             estimator = group_advantages if args.advantage == "group" else rloo_advantages
             advantages = estimator(rollout["rewards"], args.group_size, args.scale_rewards, batch_rewards=all_rewards)
-        loss_mask = rollout["completion_mask"].clone()  # (N, L)
+        loss_mask = rollout["action_mask"].clone()  # (N, L)
         if args.mask_truncated:
             loss_mask[rollout["truncated"]] = 0
 
@@ -663,7 +747,7 @@ def main(args: Args) -> None:
                     skipped += 1
                     continue
                 n_tok, n_seq = dist.all_reduce([float(loss_mask[rows].sum()), len(rows)])  # over all processes
-                w = aggregation_weights(loss_mask[rows], args.loss_agg, args.max_new_tokens, n_tok, int(n_seq))
+                w = aggregation_weights(loss_mask[rows], args.loss_agg, sample_budget, n_tok, int(n_seq))
                 sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, clip low, clip high, entropy
                 n_tok = max(1.0, n_tok)
                 for m0 in range(0, len(rows), args.micro_batch_size):
@@ -673,6 +757,7 @@ def main(args: Args) -> None:
                         policy,
                         *(rollout[k][mb].to(device) for k in SEQUENCE_KEYS),
                         args.temperature,
+                        action_mask=rollout["action_mask"][mb].to(device),
                         return_entropy=True,
                         vocab=vocab,  # the support `generate` sampled from: the tokenizer's ids
                     )  # (m, L)
@@ -727,7 +812,7 @@ def main(args: Args) -> None:
 
         # KL of the rollout policy to the initial policy on the rollout tokens (k3 and k1), whatever beta is
         if ref_logps is not None:
-            mask = rollout["completion_mask"].to(device)
+            mask = rollout["action_mask"].to(device)
             k3_sum, k1_sum, n_mask = dist.all_reduce(
                 [
                     float((k3_kl(old_logps, ref_logps) * mask).sum()),
@@ -739,7 +824,7 @@ def main(args: Args) -> None:
             metrics["train/kl_k1"] = k1_sum / max(1.0, n_mask)
 
         seen = ~trainer_logps.isnan()
-        sampled = rollout["completion_mask"] * seen
+        sampled = rollout["action_mask"] * seen
         if dist.all_reduce(float(sampled.sum())) > 0:  # none when every update was skipped without old_logps
             metrics.update(logprob_mismatch(rollout["sampler_logps"], trainer_logps, sampled))
             metrics.update(
@@ -760,6 +845,14 @@ def main(args: Args) -> None:
                 **(
                     {"rollout/overlong_penalty": dist.all_gather(rollout["overlong_penalty"]).mean().item()}
                     if args.overlong_buffer
+                    else {}
+                ),
+                **(
+                    {
+                        "rollout/tool_calls_per_episode": dist.all_gather(rollout["tool_calls"]).mean().item(),
+                        "rollout/turns_mean": dist.all_gather(rollout["turns"]).mean().item(),
+                    }
+                    if args.env
                     else {}
                 ),
                 **{f"train/{k}": sum(v) / len(v) for k, v in stats.items() if v},  # none if every update was skipped
@@ -806,7 +899,10 @@ def _stack_groups(groups: list[dict], pad_id: int) -> dict:
         "completion_mask": torch.cat(
             [pad(g["completion_mask"], (0, L - g["completion_mask"].shape[1])) for g in groups]
         ),
+        "action_mask": torch.cat([pad(g["action_mask"], (0, L - g["action_mask"].shape[1])) for g in groups]),
         "sampler_logps": torch.cat([pad(g["sampler_logps"], (0, L - g["sampler_logps"].shape[1])) for g in groups]),
+        "turns": torch.cat([g["turns"] for g in groups]),
+        "tool_calls": torch.cat([g["tool_calls"] for g in groups]),
         "truncated": torch.cat([g["truncated"] for g in groups]),
         "overlong_penalty": torch.cat([g["overlong_penalty"] for g in groups]),
         "rewards": torch.cat([g["rewards"] for g in groups]).float(),

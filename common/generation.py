@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import itertools
 import math
 
 import torch
@@ -266,6 +267,22 @@ def shared_prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return cache
 
 
+def left_padded(rows: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists -> {"input_ids", "attention_mask"} (b, P), left-padded, as the tokenizer pads prompts."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def context_groups(rows: list[list[int]]) -> torch.Tensor:
+    """(b,) group index of each row: consecutive equal token lists form one group (one shared prefill)."""
+    index = [0]
+    for prev, row in itertools.pairwise(rows):
+        index.append(index[-1] + (row != prev))
+    return torch.tensor(index)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -282,6 +299,9 @@ def generate(
     share_prefill: bool = True,
     seed: int | None = None,
     seed_key: tuple[int, int, int] | None = None,
+    seed_stream: str = "sample",
+    first_call: int | None = None,
+    prompt_ids: list[list[int]] | None = None,
 ) -> dict:
     """Sample `n` completions per prompt (prompt-major: rows i*n .. i*n+n-1 belong to prompt i), at most
     `batch_size` rows per `model.generate` call, and (`max_tokens` > 0) at most `max_tokens` tokens of KV cache per
@@ -303,6 +323,11 @@ def generate(
     A sharded (FSDP) model is gathered once for the whole call (`common.dist.unsharded`): the ranks then generate
     independently, each as long as its own sequences need.
 
+    `prompt_ids`: the prompts as token id lists instead (`prompts` is then ignored): a multi-turn episode's context
+    (`common.environments`), continued as it is, never re-rendered; consecutive equal rows share a prefill.
+    `seed_stream` names the `derive_seed` stream of `seed_key` (a multi-turn episode's later turns use their own),
+    and `first_call` overrides this process's first call index in the global numbering (default: rank x its calls).
+
     prompts: strings or message lists. Returns dict with
       prompt_ids (B*n, P) left-padded, prompt_mask (B*n, P), completion_ids (B*n, L), completion_mask (B*n, L),
       truncated (B*n,) bool, texts list[str] (decoded completions without special tokens), and when sampling
@@ -310,12 +335,16 @@ def generate(
       top-p, over the tokenizer's ids), 0 where completion_mask is 0.
     """
     device = next(model.parameters()).device
-    texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    if prompt_ids is None:
+        texts = [render_prompt(tokenizer, p) for p in prompts for _ in range(n)]
+    else:  # token contexts: row i is prompt i // n, groups of consecutive equal contexts share their prefill
+        texts = [ids for ids in prompt_ids for _ in range(n)]
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id
     tokenizer.padding_side = "left"
     rows = []
-    first_call = dist.rank() * math.ceil(len(texts) / batch_size)  # this process's calls, in the global numbering
+    if first_call is None:
+        first_call = dist.rank() * math.ceil(len(texts) / batch_size)  # this process's calls, in the global numbering
     config = sampling_config(
         greedy=greedy,
         max_new_tokens=max_new_tokens,
@@ -330,13 +359,17 @@ def generate(
         if seed is not None:
             torch.manual_seed(seed)
         for s in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[s : s + batch_size],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=not has_chat_template(tokenizer),
-            )
-            prompt_index = (s + torch.arange(enc["input_ids"].shape[0])) // n  # (b,) which prompt each row is
+            if prompt_ids is None:
+                enc = tokenizer(
+                    texts[s : s + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=not has_chat_template(tokenizer),
+                )
+                prompt_index = (s + torch.arange(enc["input_ids"].shape[0])) // n  # (b,) which prompt each row is
+            else:
+                enc = left_padded(texts[s : s + batch_size], pad_id)
+                prompt_index = context_groups(texts[s : s + batch_size])
             for part, part_rows in enumerate(token_parts(enc["attention_mask"], max_new_tokens, max_tokens)):
                 if seed_key is not None:
                     run_seed, step, round_ = seed_key
@@ -346,7 +379,7 @@ def generate(
                             f"generate: batch {call} part {part} is past the seed layout's 2**14 batches x 2**6 "
                             "parts: raise --generation-batch-size or --generation-max-tokens"
                         )
-                    torch.manual_seed(derive_seed(run_seed, "sample", step, round_, call | part << 14))
+                    torch.manual_seed(derive_seed(run_seed, seed_stream, step, round_, call | part << 14))
                 ids, mask = trim_left_padding(enc["input_ids"][part_rows], enc["attention_mask"][part_rows])
                 ids, mask = ids.to(device), mask.to(device)
                 groups = torch.unique_consecutive(prompt_index[part_rows], return_counts=True)[1].tolist()

@@ -386,17 +386,23 @@ def scatter_rows(x: torch.Tensor, rows: torch.Tensor, shape, fill=0) -> torch.Te
     return x.new_full((math.prod(shape),), fill).index_copy(0, rows, x).view(shape)
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, **kw):
+def completion_logprobs(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature, action_mask=None, **kw
+):
     """log pi(completion tokens | prompt, earlier completion tokens) at `temperature`: (B, L) [, entropy (B, L)].
 
     prompt_ids/prompt_mask (B, P) left-padded, completion_ids/completion_mask (B, L) right-padded, as
     `common.generation.generate` returns them; one forward over the concatenation (B, P+L), the LM head only on the
     completion tokens (`target_mask`), so 0 where completion_mask is 0. Pass `vocab=len(tokenizer)` (see
-    `token_logprobs`) so the log-probs are those of the distribution `generate` sampled from."""
+    `token_logprobs`) so the log-probs are those of the distribution `generate` sampled from.
+    `action_mask` (B, L): a multi-turn episode's sampled tokens (`common.environments`); completion_mask then
+    covers the whole episode after the prompt (tool results too, which are context), and the head runs, and
+    log-probs are nonzero, on the action tokens only."""
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P+L)
     attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
     P = prompt_ids.shape[1]
-    target_mask = torch.cat([torch.zeros_like(prompt_mask[:, 1:]), completion_mask], dim=1).bool()  # (B, P+L-1)
+    targets = completion_mask if action_mask is None else action_mask
+    target_mask = torch.cat([torch.zeros_like(prompt_mask[:, 1:]), targets], dim=1).bool()  # (B, P+L-1)
     out = token_logprobs(model, input_ids, attention_mask, temperature=temperature, target_mask=target_mask, **kw)
     if isinstance(out, tuple):
         return tuple(o[:, P - 1 :] for o in out)

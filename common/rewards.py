@@ -124,10 +124,16 @@ BUILTIN = {"tiny_world": tiny_world_reward, "math": math_reward, "format": forma
 
 def load_reward_fn(spec: str, flag: str = "--reward-fn"):
     """A built-in name or `module:function` (the current directory is importable); errors name `flag`."""
-    if spec in BUILTIN:
-        return BUILTIN[spec]
+    return import_spec(spec, flag, BUILTIN, "function")
+
+
+def import_spec(spec: str, flag: str, builtins: dict, kind: str = "function"):
+    """`spec` as a built-in name, or `module:name` imported from the current directory or the installed packages,
+    a callable; anything else stops the run with one line naming `flag` (--reward-fn, --env)."""
+    if spec in builtins:
+        return builtins[spec]
     if ":" not in spec:
-        die(f"{flag} {spec!r}: not a built-in ({', '.join(BUILTIN)}) and not of the form module:function")
+        die(f"{flag} {spec!r}: not a built-in ({', '.join(builtins)}) and not of the form module:{kind}")
     module_name, fn_name = spec.split(":", 1)
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))
@@ -138,7 +144,7 @@ def load_reward_fn(spec: str, flag: str = "--reward-fn"):
         die(f"{flag} {spec!r}: cannot import module {module_name!r}: {type(e).__name__}: {e}{where}")
     fn = getattr(module, fn_name, None)
     if not callable(fn):
-        die(f"{flag} {spec!r}: module {module_name!r} has no function {fn_name!r}")
+        die(f"{flag} {spec!r}: module {module_name!r} has no {kind} {fn_name!r}")
     return fn
 
 
