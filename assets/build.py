@@ -18,6 +18,13 @@ Writes
   assets/data/prefs_eval.jsonl reward_model.py), and the same on held-out prompts
   assets/tiny-rm/              reward_model.py's output (ppo.py's reward model)
   assets/tiny-teacher/         grpo.py's output from tiny-base, in bf16 (opd.py's teacher)
+  assets/tiny-tool/            grpo.py --env calculator's starting point: tiny-base after one more sft.py stage on
+                               three-digit x two-digit multiplication answered in its head (wrong, mostly) with a few
+                               calculator-call demonstrations, mixed with the other skills (so they stay)
+  assets/data/tool_prompts.jsonl  {prompt, answer, skill} multiplication prompts for grpo.py --env calculator
+  assets/data/tool_eval.jsonl     held-out multiplication prompts + every eval.jsonl record (the general skills)
+
+    python assets/build.py --tool-only    # tool_*.jsonl and tiny-tool/ alone, from the existing tiny-base (~10 min)
 """
 
 from __future__ import annotations
@@ -40,11 +47,13 @@ from common.tinyworld import (
     GENERAL_SKILLS,
     SKILLS,
     TARGET_SKILL,
+    TOOL_SKILL,
     as_conversation,
     drop_carries,
     make_samples,
     make_tasks,
     needs_carry,
+    tool_conversation,
 )
 
 CHAT_TEMPLATE = (
@@ -115,6 +124,29 @@ class Args:
     """write the seed-only data (not prefs*, which need tiny-base) and stop; keep the models"""
     reuse_base: bool = False
     """keep the existing tiny-base/ and rebuild only what is made from it (preferences, tiny-rm/, tiny-teacher/)"""
+    tool_only: bool = False
+    """write tool_prompts.jsonl / tool_eval.jsonl and build tiny-tool/ from the existing tiny-base/, nothing else"""
+    tool_eval: int = 200
+    """held-out multiplication prompts in tool_eval.jsonl"""
+    tool_prompts: int = 4000
+    """distinct multiplication prompts in tool_prompts.jsonl (RL)"""
+    tool_examples: int = 12000
+    """tiny-tool stage: multiplication conversations"""
+    tool_instructed_frac: float = 0.35
+    """share of those asked as "Use the calculator: 123*45", always answered by calling it: calling and copying are
+    learned on a prompt the evaluation never asks"""
+    tool_demo_frac: float = 0.05
+    """share that are "What is 123*45?" answered with a calculator call (the rest answer in the head, with the right
+    product, which the model cannot compute)"""
+    tool_read_frac: float = 0.15
+    """share that are "What is" demonstrations with the call as untrained context (weight 0): only reading the result
+    is taught, so the model learns to copy a tool's answer without calling more often"""
+    tool_per_skill: int = 1500
+    """tiny-tool stage: conversations per other skill (addition with stage 2's sloppy carrying, and the general ones)"""
+    tool_steps: int = 900
+    """tiny-tool stage: sft.py optimizer steps"""
+    tool_learning_rate: float = 1e-3
+    """tiny-tool stage: peak learning rate"""
 
 
 def build_tokenizer(path: Path):
@@ -189,13 +221,22 @@ def main(args: Args) -> None:
     # RL prompts (grpo.py): distinct target-skill problems, none held out
     rl = make_tasks(TARGET_SKILL, args.rl_prompts, seed=args.seed + 4, exclude=held_out)
     write_jsonl(data / "prompts.jsonl", rl)
+    # The tool skill (grpo.py --env calculator): held-out multiplications, then RL prompts that avoid them
+    tool_eval = make_tasks(TOOL_SKILL, args.tool_eval, seed=args.seed)
+    tool_held_out = {t["prompt"] for t in tool_eval}
+    write_jsonl(data / "tool_eval.jsonl", tool_eval + eval_tasks)
+    write_jsonl(data / "tool_prompts.jsonl", make_tasks(TOOL_SKILL, args.tool_prompts, args.seed + 4, tool_held_out))
     if args.data_only:
+        return
+    if args.tool_only:
+        build_tool(args, held_out | tool_held_out)
         return
     if not args.reuse_base:
         build_base(args, held_out)
     build_preferences(args, held_out, eval_tasks)
     build_reward_model(args)
     build_teacher(args)
+    build_tool(args, held_out | tool_held_out)
 
 
 def run_sft(work: Path, name: str, model: Path, dataset: Path, data: Path, args: Args, **flags) -> Path:
@@ -210,6 +251,16 @@ def run_sft(work: Path, name: str, model: Path, dataset: Path, data: Path, args:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
     return work / name
+
+
+def install(run: Path, target: Path) -> None:
+    """Copy an sft.py run's final checkpoint to `target`, with its last evaluation as build_eval.json."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(run / "final", target)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
+    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
+    (target / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"{target.name}:", json.dumps(summary))
 
 
 def build_base(args: Args, held_out: set[str]) -> None:
@@ -281,12 +332,53 @@ def build_base(args: Args, held_out: set[str]) -> None:
             learning_rate=args.sloppy_learning_rate,
             warmup_steps=20,
         )
-        shutil.rmtree(out / "tiny-base", ignore_errors=True)
-        shutil.copytree(stage2 / "final", out / "tiny-base")
-        last = [json.loads(line) for line in (stage2 / "metrics.jsonl").open()][-1]
-    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
-    (out / "tiny-base" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("tiny-base:", json.dumps(summary))
+        install(stage2, out / "tiny-base")
+
+
+def build_tool(args: Args, held_out: set[str]) -> None:
+    """tiny-tool/: one more sft.py stage from tiny-base. Asked "What is 123*45?", the stage mostly answers in the head
+    with the right product (which a 1.3M-parameter model does not learn to compute) and rarely calls the calculator
+    (`tool_demo_frac`); calling and copying are learned on "Use the calculator: 123*45" (`tool_instructed_frac`),
+    and reading the tool's result also on demonstrations whose call is untrained context (`tool_read_frac`). So the
+    model calls the tool sometimes and answers wrong otherwise: the tool's value is for RL to find. The other skills
+    are replayed (addition labelled as in stage 2) so they are kept."""
+    out, data = Path(args.out), Path(args.out) / "data"
+    rng = random.Random(args.seed + 10)
+    multiply = make_samples(TOOL_SKILL, args.tool_examples, seed=args.seed + 10, exclude=held_out)
+    stage = []
+    for t in multiply:
+        u = rng.random() - args.tool_instructed_frac
+        if u < 0:
+            stage.append(tool_conversation(t, instructed=True))
+        elif u < args.tool_demo_frac:
+            stage.append(tool_conversation(t))
+        elif u < args.tool_demo_frac + args.tool_read_frac:
+            stage.append(tool_conversation(t, train_call=False))
+        else:
+            stage.append(as_conversation(t))
+    for t in make_samples(TARGET_SKILL, args.tool_per_skill, seed=args.seed + 11, exclude=held_out):
+        right = not needs_carry(t) or rng.random() < args.sloppy_carry_correct
+        stage.append(as_conversation(t if right else {**t, "answer": drop_carries(t)}))
+    for skill in GENERAL_SKILLS:
+        stage += [as_conversation(t) for t in make_samples(skill, args.tool_per_skill, args.seed + 11, held_out)]
+    random.Random(args.seed + 12).shuffle(stage)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work_dir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        write_jsonl(work / "tool.jsonl", stage)
+        run = run_sft(
+            work,
+            "tool",
+            out / "tiny-base",
+            work / "tool.jsonl",
+            data,
+            args,
+            max_steps=args.tool_steps,
+            learning_rate=args.tool_learning_rate,
+            warmup_steps=20,
+            max_length=256,
+        )
+        install(run, out / "tiny-tool")
 
 
 def build_preferences(args: Args, held_out: set[str], eval_tasks: list[dict]) -> None:
