@@ -28,9 +28,9 @@ are the metrics to watch: the margin should grow, and the chosen reward should n
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -59,9 +59,11 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import eval_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import eval_reward_fn, evaluate
+from common.tinyworld import TARGET_SKILL
 from common.tracking import Tracker, open_run, peak_memory_gb
+
+SCRIPT = Path(__file__).stem  # the run's name and --resume's check, from the file name: a copy is its own script
 
 
 @dataclass
@@ -279,11 +281,11 @@ def pair_metrics(
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python dpo.py`)
-    args, ckpt, run_dir = open_run(args, "dpo")  # a new run directory, or --resume's run and saved flags
+    args, ckpt, run_dir = open_run(args, SCRIPT)  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
-    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size, args.batch_size)
     if args.beta <= 0:
         die(f"--beta must be positive, got {args.beta}")
     if not 0 <= args.label_smoothing < 0.5:
@@ -366,7 +368,7 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, "linear")
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    tracker = Tracker(run_dir, args, script="dpo", total_steps=args.max_steps, start_step=start_step)
+    tracker = Tracker(run_dir, args, script=SCRIPT, total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_pairs)} train pairs, {grad_accum_steps} micro-batches/step"
         + (f" in each of {dist.world_size()} processes" if dist.world_size() > 1 else "")
@@ -480,12 +482,7 @@ def main(args: Args) -> None:
         num_tokens, nll_sum = dist.all_reduce([num_tokens, float(nll_sum)])  # the step's host sync
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
-        if not (math.isfinite(metrics["train/loss"]) and math.isfinite(grad_norm)):
-            tracker.close()
-            die(
-                f"non-finite loss ({metrics['train/loss']}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                "no update applied, no checkpoint written (try a lower --learning-rate)"
-            )
+        tracker.check_finite(metrics["train/loss"], grad_norm, step + 1)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

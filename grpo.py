@@ -44,6 +44,7 @@ import functools
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -73,10 +74,12 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, evaluate, load_reward_fn
+from common.tinyworld import TARGET_SKILL
 from common.tracking import Tracker, open_run, peak_memory_gb, update_args
 from common.vllm_engine import require_vllm, rollout_engine
+
+SCRIPT = Path(__file__).stem  # the run's name and --resume's check, from the file name: a copy is its own script
 
 
 @dataclass
@@ -464,11 +467,38 @@ def batched_logprobs(model, rollout, temperature, micro_batch_size, device, voca
     return torch.cat(chunks)
 
 
+def _stack_groups(groups: list[dict], pad_id: int) -> dict:
+    """Concatenate groups whose prompt/completion widths may differ (prompts left-padded, completions right)."""
+    P = max(g["prompt_ids"].shape[1] for g in groups)
+    L = max(g["completion_ids"].shape[1] for g in groups)
+    pad = torch.nn.functional.pad
+    return {
+        "prompt_ids": torch.cat(
+            [pad(g["prompt_ids"], (P - g["prompt_ids"].shape[1], 0), value=pad_id) for g in groups]
+        ),
+        "prompt_mask": torch.cat([pad(g["prompt_mask"], (P - g["prompt_mask"].shape[1], 0)) for g in groups]),
+        "completion_ids": torch.cat(
+            [pad(g["completion_ids"], (0, L - g["completion_ids"].shape[1]), value=pad_id) for g in groups]
+        ),
+        "completion_mask": torch.cat(
+            [pad(g["completion_mask"], (0, L - g["completion_mask"].shape[1])) for g in groups]
+        ),
+        "action_mask": torch.cat([pad(g["action_mask"], (0, L - g["action_mask"].shape[1])) for g in groups]),
+        "sampler_logps": torch.cat([pad(g["sampler_logps"], (0, L - g["sampler_logps"].shape[1])) for g in groups]),
+        "turns": torch.cat([g["turns"] for g in groups]),
+        "tool_calls": torch.cat([g["tool_calls"] for g in groups]),
+        "truncated": torch.cat([g["truncated"] for g in groups]),
+        "overlong_penalty": torch.cat([g["overlong_penalty"] for g in groups]),
+        "rewards": torch.cat([g["rewards"] for g in groups]).float(),
+        "per_fn": {k: [x for g in groups for x in g["per_fn"][k]] for k in groups[0]["per_fn"]},
+    }
+
+
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python grpo.py`)
-    args, ckpt, run_dir = open_run(args, "grpo")  # a new run directory, or --resume's run and saved flags
-    args = update_args(run_dir, "grpo", args, **algorithm_defaults(args))  # clip ranges etc. that depend on flags
+    args, ckpt, run_dir = open_run(args, SCRIPT)  # a new run directory, or --resume's run and saved flags
+    args = update_args(run_dir, SCRIPT, args, **algorithm_defaults(args))  # clip ranges etc. that depend on flags
     if args.vllm:
         require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
@@ -487,7 +517,7 @@ def main(args: Args) -> None:
     local_rollout, local_batch = rollout_size // world, batch_size // world
     if batch_size % world:
         die(f"--batch-size {batch_size} must be divisible by the number of processes ({world})")
-    check_batch_sizes(local_batch, args.micro_batch_size)
+    check_batch_sizes(local_batch, args.micro_batch_size, batch_size)
     gen_batch = args.generation_batch_size or local_rollout
     if local_rollout % gen_batch:
         die(
@@ -553,7 +583,7 @@ def main(args: Args) -> None:
     start_step = load_trainer_state(ckpt, optimizer, scheduler, policy)["step"] if ckpt else 0
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(policy, device, optimizer)
-        args = update_args(run_dir, "grpo", args, generation_max_tokens=budget)
+        args = update_args(run_dir, SCRIPT, args, generation_max_tokens=budget)
     drift = Drift(  # eval/kl_to_init against the reference (on the accelerator with --beta > 0, else from the host)
         args,
         eval_records,
@@ -563,7 +593,7 @@ def main(args: Args) -> None:
         on_accelerator=args.beta != 0,
         max_tokens=args.generation_max_tokens,
     )
-    tracker = Tracker(run_dir, args, script="grpo", total_steps=args.max_steps, start_step=start_step)
+    tracker = Tracker(run_dir, args, script=SCRIPT, total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {rollout_size} completions/step, "
         f"{rollout_size // batch_size * args.num_iterations} optimizer steps/rollout, "
@@ -790,12 +820,7 @@ def main(args: Args) -> None:
                         train_tokens += rollout["prompt_mask"][mb].sum() + rollout["completion_mask"][mb].sum()
                 loss_sum, clip_low, clip_high, ent = dist.all_reduce(sums).tolist()  # the step's one host sync
                 grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm))
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                    tracker.close()
-                    die(
-                        f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                        "no update applied, no checkpoint written"
-                    )
+                tracker.check_finite(loss_sum, grad_norm, step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 stats["loss"].append(loss_sum)
@@ -881,33 +906,6 @@ def main(args: Args) -> None:
     last = {k: v for k, v in metrics.items() if k.startswith("eval/")} if args.max_steps > start_step else {}
     if dist.is_main():
         print(f"saved {final}" + ("  |  " + "  ".join(f"{k}={v:.4f}" for k, v in last.items()) if last else ""))
-
-
-def _stack_groups(groups: list[dict], pad_id: int) -> dict:
-    """Concatenate groups whose prompt/completion widths may differ (prompts left-padded, completions right)."""
-    P = max(g["prompt_ids"].shape[1] for g in groups)
-    L = max(g["completion_ids"].shape[1] for g in groups)
-    pad = torch.nn.functional.pad
-    return {
-        "prompt_ids": torch.cat(
-            [pad(g["prompt_ids"], (P - g["prompt_ids"].shape[1], 0), value=pad_id) for g in groups]
-        ),
-        "prompt_mask": torch.cat([pad(g["prompt_mask"], (P - g["prompt_mask"].shape[1], 0)) for g in groups]),
-        "completion_ids": torch.cat(
-            [pad(g["completion_ids"], (0, L - g["completion_ids"].shape[1]), value=pad_id) for g in groups]
-        ),
-        "completion_mask": torch.cat(
-            [pad(g["completion_mask"], (0, L - g["completion_mask"].shape[1])) for g in groups]
-        ),
-        "action_mask": torch.cat([pad(g["action_mask"], (0, L - g["action_mask"].shape[1])) for g in groups]),
-        "sampler_logps": torch.cat([pad(g["sampler_logps"], (0, L - g["sampler_logps"].shape[1])) for g in groups]),
-        "turns": torch.cat([g["turns"] for g in groups]),
-        "tool_calls": torch.cat([g["tool_calls"] for g in groups]),
-        "truncated": torch.cat([g["truncated"] for g in groups]),
-        "overlong_penalty": torch.cat([g["overlong_penalty"] for g in groups]),
-        "rewards": torch.cat([g["rewards"] for g in groups]).float(),
-        "per_fn": {k: [x for g in groups for x in g["per_fn"][k]] for k in groups[0]["per_fn"]},
-    }
 
 
 if __name__ == "__main__":

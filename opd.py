@@ -29,9 +29,9 @@ the loss normalized by all processes' completion tokens; `--shard-frozen` shards
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -64,10 +64,12 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import eval_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import eval_reward_fn, evaluate
+from common.tinyworld import TARGET_SKILL
 from common.tracking import Tracker, open_run, peak_memory_gb, update_args
 from common.vllm_engine import require_vllm, rollout_engine
+
+SCRIPT = Path(__file__).stem  # the run's name and --resume's check, from the file name: a copy is its own script
 
 
 @dataclass
@@ -395,7 +397,7 @@ def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python opd.py`)
     args, ckpt, run_dir = open_run(
-        args, "opd", total_steps=lambda a: a.cold_start_steps + a.max_steps
+        args, SCRIPT, total_steps=lambda a: a.cold_start_steps + a.max_steps
     )  # a new run directory, or --resume's run and saved flags
     if args.vllm:
         require_vllm()  # one line naming the install command, before anything is loaded
@@ -466,7 +468,7 @@ def main(args: Args) -> None:
     start_step = load_trainer_state(ckpt, optimizer, scheduler, student)["step"] if ckpt else 0
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(student, device, optimizer)
-        args = update_args(run_dir, "opd", args, generation_max_tokens=budget)
+        args = update_args(run_dir, SCRIPT, args, generation_max_tokens=budget)
     drift = Drift(  # eval/kl_to_init of the student to its initial self: a host copy visits for each evaluation
         args,
         eval_records,
@@ -474,7 +476,7 @@ def main(args: Args) -> None:
         args.eval_max_new_tokens or args.max_new_tokens,
         max_tokens=args.generation_max_tokens,
     )
-    tracker = Tracker(run_dir, args, script="opd", total_steps=total_steps, start_step=start_step)
+    tracker = Tracker(run_dir, args, script=SCRIPT, total_steps=total_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  student {args.model} ({sum(p.numel() for p in student.parameters()) / 1e6:.2f}M), "
         f"teacher {args.teacher} ({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M)  |  objective "
@@ -591,11 +593,7 @@ def main(args: Args) -> None:
                     sums[0] += loss.detach()
                 loss_sum, kl_sum = dist.all_reduce(sums).tolist()  # the update's one host sync
                 grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(student.parameters(), args.max_grad_norm))
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                    tracker.close()
-                    die(
-                        f"non-finite loss ({loss_sum}) or gradient norm ({grad_norm}) at step {step + 1}; no update applied"
-                    )
+                tracker.check_finite(loss_sum, grad_norm, step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(loss_sum)

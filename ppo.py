@@ -24,9 +24,9 @@ prompts; token counts, advantage whitening and metrics are taken over all proces
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -61,10 +61,12 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, load_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import check_reward_fns, compute_rewards, eval_reward_fn, evaluate, load_reward_fn
+from common.tinyworld import TARGET_SKILL
 from common.tracking import Tracker, open_run, peak_memory_gb, update_args
 from common.vllm_engine import require_vllm, rollout_engine
+
+SCRIPT = Path(__file__).stem  # the run's name and --resume's check, from the file name: a copy is its own script
 
 
 @dataclass
@@ -193,7 +195,7 @@ class Args:
     max_grad_norm: float = 1.0
     """clip the global gradient norm (policy and value together)"""
     kl_coef: float = 0.3
-    """initial coefficient of the per-token KL penalty (the tiny world's reward model is hacked at 0.05; README)"""
+    """initial coefficient of the per-token KL penalty (the tiny world's reward model is hacked at 0.05; docs/ppo.md)"""
     target_kl: float | None = None
     """adaptive KL controller (Ziegler et al. 2019): steer the per-sequence KL to this value (None: fixed kl_coef)"""
     kl_horizon: int = 10000
@@ -350,7 +352,7 @@ def reward_model_scores(reward_model, rm_tokenizer, prompts, completions, micro_
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python ppo.py`)
-    args, ckpt, run_dir = open_run(args, "ppo")  # a new run directory, or --resume's run and saved flags
+    args, ckpt, run_dir = open_run(args, SCRIPT)  # a new run directory, or --resume's run and saved flags
     if args.vllm:
         require_vllm()  # one line naming the install command, before anything is loaded
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
@@ -454,7 +456,7 @@ def main(args: Args) -> None:
     start_step = resumed["step"]
     if args.generation_max_tokens is None:  # auto: from the memory free now; saved, so a resume batches alike
         budget = 0 if args.vllm else generation_token_budget(policy, device, optimizer)
-        args = update_args(run_dir, "ppo", args, generation_max_tokens=budget)
+        args = update_args(run_dir, SCRIPT, args, generation_max_tokens=budget)
     drift = Drift(  # eval/kl_to_init against the reference the KL penalty already keeps on the accelerator
         args,
         eval_records,
@@ -464,7 +466,7 @@ def main(args: Args) -> None:
         on_accelerator=True,
         max_tokens=args.generation_max_tokens,
     )
-    tracker = Tracker(run_dir, args, script="ppo", total_steps=args.max_steps, start_step=start_step)
+    tracker = Tracker(run_dir, args, script=SCRIPT, total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(prompts)} prompts, {n * world} completions/step"
         + (f" ({n} in each of {world} processes)" if world > 1 else "")
@@ -622,9 +624,7 @@ def main(args: Args) -> None:
                         [*policy.parameters(), *value_model.parameters()], args.max_grad_norm
                     )
                 )
-                if not (math.isfinite(sums["pg_loss"]) and math.isfinite(sums["vf_loss"]) and math.isfinite(grad_norm)):
-                    tracker.close()
-                    die(f"non-finite loss or gradient norm at step {step + 1}; no update applied, nothing saved")
+                tracker.check_finite(sums["pg_loss"] + args.vf_coef * sums["vf_loss"], grad_norm, step + 1)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 for k, v in sums.items():

@@ -15,9 +15,9 @@ pre-training).
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import tyro
@@ -46,9 +46,11 @@ from common.model import (
     save_checkpoint,
     save_model,
 )
-from common.rewards import eval_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import eval_reward_fn, evaluate
+from common.tinyworld import TARGET_SKILL
 from common.tracking import Tracker, open_run, peak_memory_gb
+
+SCRIPT = Path(__file__).stem  # the run's name and --resume's check, from the file name: a copy is its own script
 
 
 @dataclass
@@ -183,11 +185,11 @@ def eval_loss(model, examples, micro_batch_size, pad_id, device) -> float:
 def main(args: Args) -> None:
     # PLUMBING: check flags and inputs before any compute
     dist.init()  # torchrun: join the other processes (nothing for `python sft.py`)
-    args, ckpt, run_dir = open_run(args, "sft")  # a new run directory, or --resume's run and saved flags
+    args, ckpt, run_dir = open_run(args, SCRIPT)  # a new run directory, or --resume's run and saved flags
     data_opts = data_options(args)  # --columns, --prompt-template, --dataset-weights: checked now
     eval_reward = eval_reward_fn(args.eval_reward_fn)  # the verifier of eval/accuracy
     rank_rows = dist.local_slice(args.batch_size)  # this process's share of every step
-    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size)
+    grad_accum_steps = check_batch_sizes(rank_rows.stop - rank_rows.start, args.micro_batch_size, args.batch_size)
     if args.lr_schedule not in ("cosine", "linear", "constant"):
         die(f"--lr-schedule {args.lr_schedule!r} is not one of cosine, linear, constant")
     torch.manual_seed(args.seed)
@@ -235,7 +237,7 @@ def main(args: Args) -> None:
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps, args.lr_schedule)
     )
     start_step = load_trainer_state(ckpt, optimizer, scheduler, model)["step"] if ckpt else 0
-    tracker = Tracker(run_dir, args, script="sft", total_steps=args.max_steps, start_step=start_step)
+    tracker = Tracker(run_dir, args, script=SCRIPT, total_steps=args.max_steps, start_step=start_step)
     tracker.write(
         f"run: {run_dir}  |  {len(train_examples)} train examples, "
         f"{'up to ' if args.packing else ''}{grad_accum_steps} micro-batches/step"
@@ -303,12 +305,7 @@ def main(args: Args) -> None:
         train_loss = nll_sum / num_loss_tokens
         grad_norm = dist.grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm))
         # PLUMBING: a broken step stops the run before it touches the weights or a checkpoint
-        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
-            tracker.close()  # the bar first, so the error is the last line
-            die(
-                f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                "no update applied, no checkpoint written (try a lower --learning-rate)"
-            )
+        tracker.check_finite(train_loss, grad_norm, step + 1)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()

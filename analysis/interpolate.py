@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from common.drift import kl_prompts, kl_to_init, resident
 from common.model import load_model, load_tokenizer
-from common.rewards import eval_reward_fn
-from common.tinyworld import TARGET_SKILL, evaluate
+from common.rewards import eval_reward_fn, evaluate
+from common.tinyworld import TARGET_SKILL
 
 
 @dataclass

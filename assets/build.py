@@ -388,7 +388,7 @@ def build_preferences(args: Args, held_out: set[str], eval_tasks: list[dict]) ->
 
     from common.generation import generate
     from common.model import load_model, load_tokenizer
-    from common.tinyworld import is_correct
+    from common.rewards import is_correct
 
     out, data = Path(args.out), Path(args.out) / "data"
     model = load_model(str(out / "tiny-base"), dtype="float32", device="cpu").eval()

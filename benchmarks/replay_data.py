@@ -1,5 +1,5 @@
 """General-skill replay data for the tiny world, written as Parquet with the `datasets` library: the classic remedy
-for SFT's forgetting is to mix such data into `--dataset` (README, "Mixtures").
+for SFT's forgetting is to mix such data into `--dataset` (docs/data.md, "Mixtures").
 
     python benchmarks/replay_data.py --out runs/replay/general.parquet
     python sft.py --dataset assets/data/sft.jsonl runs/replay/general.parquet --dataset-weights 0.8 0.2

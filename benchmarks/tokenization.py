@@ -2,7 +2,7 @@
 (cache miss) and cached run, with the tiny world's tokenizer and with a byte-level BPE tokenizer of 150k entries
 built offline (trained here with `tokenizers` on a synthetic corpus, with a ChatML template).
 
-    python benchmarks/tokenization.py --num-examples 100000          # README: "Tokenization at scale"
+    python benchmarks/tokenization.py --num-examples 100000          # docs/data.md: "Tokenization measured"
 
 Each measurement is a fresh process (`--measure`), run one after another (never two at once): peak RSS is the
 process's VmHWM, reset after imports and the tokenizer load; `baseline` is the RSS then, so what the data costs is

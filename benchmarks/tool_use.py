@@ -5,7 +5,7 @@ prompts, greedy and sampled, split by whether the episode called the tool.
     python benchmarks/tool_use.py --model runs/<grpo --env run>/final
 
 Plays the episodes as `grpo.py --env calculator` does (`common.environments.run_episodes` with the same budgets as
-the README's command: 3 turns of at most 96 tokens, 160 tokens an episode), once greedy and once at `--temperature`
+docs/grpo.md's command: 3 turns of at most 96 tokens, 160 tokens an episode), once greedy and once at `--temperature`
 (seeded), and scores the last assistant turn with the tiny world's exact match.
 """
 
@@ -22,7 +22,8 @@ import tyro
 from common.environments import load_env, make_envs, run_episodes
 from common.generation import generate
 from common.model import load_model, load_tokenizer
-from common.tinyworld import TOOL_SKILL, is_correct
+from common.rewards import is_correct
+from common.tinyworld import TOOL_SKILL
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""One tiny-world row per algorithm variant: the README tables of grpo.py's and opd.py's variants.
+"""One tiny-world row per algorithm variant: the variants tables of docs/grpo.md and docs/opd.md.
 
     python benchmarks/variants.py grpo          # GRPO, GSPO, CISPO, RLOO, REINFORCE++, overlong shaping
     python benchmarks/variants.py opd           # the four --objective values side by side

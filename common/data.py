@@ -1010,15 +1010,19 @@ def _pair_example(tokenizer, max_length: int, path: str, r: dict):
 # micro-batch size see the same data, and the accumulated gradient is the one of the whole step.
 
 
-def check_batch_sizes(batch_size: int, micro_batch_size: int) -> int:
-    """grad_accum_steps = batch_size / micro_batch_size, or one clear error naming the flags. A micro-batch size at
-    least the batch size means one forward/backward per step (the default 64 must not break a batch of 16)."""
+def check_batch_sizes(batch_size: int, micro_batch_size: int, typed_batch_size: int | None = None) -> int:
+    """grad_accum_steps = batch_size / micro_batch_size, or one clear error naming the flags. `batch_size` is this
+    process's share of the batch the user asked for, `typed_batch_size` (under torchrun; default: the same), which
+    the error names as typed. A micro-batch size at least the batch size means one forward/backward per step (the
+    default 64 must not break a batch of 16)."""
+    typed = typed_batch_size or batch_size
+    flag = f"--batch-size {typed}" + (f" ({batch_size} per process)" if typed != batch_size else "")
     if batch_size < 1 or micro_batch_size < 1:
-        die(f"--batch-size ({batch_size}) and --micro-batch-size ({micro_batch_size}) must be positive")
+        die(f"{flag} and --micro-batch-size {micro_batch_size} must be positive")
     if micro_batch_size >= batch_size:
         return 1
     if batch_size % micro_batch_size:
-        die(f"--batch-size {batch_size} is not divisible by --micro-batch-size {micro_batch_size}")
+        die(f"{flag} is not divisible by --micro-batch-size {micro_batch_size}")
     return batch_size // micro_batch_size
 
 

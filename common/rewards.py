@@ -8,11 +8,13 @@ A reward function has the signature
 `tiny_world` (exact answer after normalization), `math` (final-answer check: math-verify when installed, else a
 hand-written parser for GSM8K-style numbers), `format` (a final
 answer is marked with `\\boxed{...}` or `#### ...`). Anything else is `module:function`, imported from the
-current directory or the Python path.
+current directory or the Python path. `evaluate` is the greedy evaluation every script reports: the mean reward of
+such a function per skill on held-out prompt records.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math as _math
 import re
@@ -20,8 +22,18 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import torch
+
 from common import die
-from common.tinyworld import is_correct
+
+
+def normalize(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
+
+
+def is_correct(completion: str, answer: str) -> bool:
+    """The verifier: the completion, whitespace-normalized and without a final period, equals the answer."""
+    return normalize(completion) == normalize(answer)
 
 
 def tiny_world_reward(prompts, completions, answers) -> list[float]:
@@ -198,3 +210,79 @@ def compute_rewards(specs, fns, weights, prompts, completions, answers) -> tuple
         per_fn[reward_name(spec)] = values
         total = [t + weight * v for t, v in zip(total, values)]
     return total, per_fn
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    tokenizer,
+    records: list[dict],
+    *,
+    reward_fn=None,
+    target_skill: str,
+    batch_size: int = 128,
+    max_new_tokens: int = 16,
+    max_tokens: int = 0,
+    engine=None,
+    play=None,
+) -> dict[str, float]:
+    """Greedy evaluation on {"prompt", "answer"[, "skill"]} records, scored by `reward_fn(prompts, completions,
+    answers) -> list[float]` (a `--eval-reward-fn`, see `common.rewards`; default: the tiny world's exact match):
+    `eval/accuracy` = the mean reward on the target skill (records with no skill count as target),
+    `eval/general_accuracy` the mean over the other skills' records, and `eval/accuracy/<skill>` for each skill.
+    `batch_size` rows per generate call, and `max_tokens` > 0 bounds its KV cache (`common.generation.generate`).
+    Under torchrun each rank answers every N-th record and the sums are reduced over ranks (every rank returns the
+    same numbers). `engine`: a `common.vllm_engine.VLLMEngine` holding
+    `model`'s weights, to generate with instead of transformers. `play(records) -> episodes`: greedy multi-turn
+    episodes instead of one generation (`common.environments.run_episodes`, grpo.py --env): the reward is the
+    environment's where it gave one, else `reward_fn` on the last assistant turn; adds eval/tool_calls_per_episode
+    and eval/turns_mean over the target skill's episodes."""
+    from common import dist
+    from common.generation import generate
+
+    reward_fn = reward_fn or tiny_world_reward
+    skills = sorted({r.get("skill", target_skill) for r in records})
+    mine = dist.strided(records)
+    rewards, episodes = [], None
+    if mine:
+        was_training = model.training
+        model.eval()
+        sample = engine.generate if engine is not None else functools.partial(generate, model)  # --vllm or HF
+        if play is not None:
+            episodes = play(mine)
+            texts = episodes["texts"]
+        else:
+            texts = sample(
+                tokenizer,
+                [r["prompt"] for r in mine],
+                max_new_tokens=max_new_tokens,
+                greedy=True,
+                batch_size=batch_size,
+                max_tokens=max_tokens,
+            )["texts"]
+        model.train(was_training)
+        rewards = [float(x) for x in reward_fn([r["prompt"] for r in mine], texts, [r["answer"] for r in mine])]
+        if episodes is not None:  # an environment's own reward replaces the verifier's
+            rewards = [x if e is None else e for x, e in zip(rewards, episodes["env_rewards"])]
+    correct, total = dict.fromkeys(skills, 0.0), dict.fromkeys(skills, 0)
+    for r, reward in zip(mine, rewards):
+        skill = r.get("skill", target_skill)
+        correct[skill] += reward
+        total[skill] += 1
+    sums = dist.all_reduce([correct[s] for s in skills] + [total[s] for s in skills])
+    correct, total = dict(zip(skills, sums[: len(skills)])), dict(zip(skills, sums[len(skills) :]))
+    metrics = {f"eval/accuracy/{s}": correct[s] / total[s] for s in skills}
+    if target_skill in total:
+        metrics["eval/accuracy"] = correct[target_skill] / total[target_skill]
+    if play is not None:  # the target skill's tool use: calls and turns per episode
+        target = [i for i, r in enumerate(mine) if r.get("skill", target_skill) == target_skill]
+        calls = sum(float(episodes["tool_calls"][i]) for i in target) if target else 0.0
+        turns = sum(float(episodes["turns"][i]) for i in target) if target else 0.0
+        calls, turns, n_target = dist.all_reduce([calls, turns, float(len(target))])
+        if n_target:
+            metrics["eval/tool_calls_per_episode"] = calls / n_target
+            metrics["eval/turns_mean"] = turns / n_target
+    general = [s for s in skills if s != target_skill]
+    if general:
+        metrics["eval/general_accuracy"] = sum(correct[s] for s in general) / sum(total[s] for s in general)
+    return metrics

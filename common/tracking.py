@@ -264,7 +264,7 @@ class Tracker:
             )
 
     def log(self, metrics: dict, step: int) -> None:
-        """Log one metrics dict for optimizer step `step` (log once per step; see STYLE.md)."""
+        """Log one metrics dict for optimizer step `step`: one call per step, so every metric of a step shares its x."""
         if not self.main:
             return
         clean = {k: (float(v) if hasattr(v, "__float__") else v) for k, v in metrics.items()}
@@ -286,6 +286,16 @@ class Tracker:
         """Print a line without breaking the progress bar (rank 0 only)."""
         if self.main:
             self.bar.write(message)
+
+    def check_finite(self, loss: float, grad_norm: float, step: int) -> None:
+        """Stop the run before the optimizer step of `step` when its loss or gradient norm is NaN or inf: the bar is
+        closed first so that the one-line error is the last line; no update is applied and no checkpoint written."""
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            self.close()
+            die(
+                f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; no update applied, no "
+                "checkpoint written (try a lower --learning-rate)"
+            )
 
     def close(self) -> None:
         if self.metrics_file is None or self.metrics_file.closed:

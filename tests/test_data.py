@@ -125,6 +125,13 @@ def test_batch_size_must_divide():
     assert check_batch_sizes(8, 2) == 4 and check_batch_sizes(16, 64) == 1  # a larger micro-batch: one piece
     with pytest.raises(SystemExit, match=r"--batch-size 8 is not divisible by --micro-batch-size 3"):
         check_batch_sizes(8, 3)
+    # under torchrun the error names the flag as typed, not this process's share of it
+    with pytest.raises(
+        SystemExit, match=r"--batch-size 64 \(32 per process\) is not divisible by --micro-batch-size 24"
+    ):
+        check_batch_sizes(32, 24, 64)
+    with pytest.raises(SystemExit, match=r"--batch-size 0 and --micro-batch-size 4 must be positive"):
+        check_batch_sizes(0, 4)
 
 
 @pytest.mark.parametrize(

@@ -308,7 +308,7 @@ def test_env_is_documented_in_help():
 @pytest.mark.slow
 def test_grpo_with_the_calculator_learns_to_call_it(tmp_path):
     """tiny-tool calls the calculator in a few percent of its samples at temperature 1 and is right mostly when it
-    does: a dozen GRPO steps with --env calculator (the README's command, shortened) make calling the habit."""
+    does: a dozen GRPO steps with --env calculator (docs/grpo.md's command, shortened) make calling the habit."""
     run_script("grpo.py", "--env", "calculator", "--model", "assets/tiny-tool", "--dataset",
                "assets/data/tool_prompts.jsonl", "--eval-prompts", "", "--target-skill", "multiply",
                "--max-new-tokens", "96", "--max-turns", "3", "--max-episode-tokens", "160", "--max-steps", "12",

@@ -244,7 +244,7 @@ def test_math_reward(completion, answer, expected, monkeypatch):
 
 
 # (reference answer, completion, right verdict, math-verify's verdict, the hand-written parser's verdict): what each
-# checker says, asserted, so a change of either shows here. README's grpo.py section summarizes the table.
+# checker says, asserted, so a change of either shows here. docs/grpo.md summarizes the table.
 MATH_PAIRS = [
     ("#### 42", "so the answer is #### 42", 1, 1, 1),
     ("#### 1,234", "#### 1234", 1, 1, 1),  # thousands separator

@@ -108,7 +108,7 @@ def test_cli_end_to_end_and_checkpoint_loads(tmp_path, random_model_dir, chat_to
 @pytest.mark.slow
 def test_default_reward_model_run_learns(tmp_path):
     """`python reward_model.py` with no flags learns: held-out pair accuracy from 0.395 to >= 0.92. The default run
-    ends at 0.952 (140 of 147) with AVX-512 kernels and at 0.932 (137 of 147) with AVX2 ones (README): the last few
+    ends at 0.952 (140 of 147) with AVX-512 kernels and at 0.932 (137 of 147) with AVX2 ones (docs/reward_model.md): the last few
     pairs of the held-out set flip with float rounding, so the bound leaves room for the CPU CI happens to get."""
     run_script(ROOT / "reward_model.py", "--output-dir", tmp_path, "--run-name", "rm_default_learns")
     rows = [json.loads(line) for line in (tmp_path / "rm_default_learns" / "metrics.jsonl").open()]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -116,6 +117,16 @@ def test_bad_input_stops_with_one_clear_line(tmp_path, case):
     assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # stopped before training started
 
 
+def test_a_copied_script_names_its_runs_after_its_file(tmp_path):
+    """As CleanRL's exp_name: a copy saved as my_sft.py names, logs and resumes its runs as my_sft, not sft."""
+    copy = tmp_path / "my_sft.py"
+    shutil.copy(ROOT / "sft.py", copy)
+    run_script(copy, "--max-steps", "1", *FAST, "--output-dir", tmp_path / "runs")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("my_sft__1__")
+    assert json.loads((run / "args.json").read_text())["script"] == "my_sft"
+
+
 def test_help_explains_every_flag():
     out = " ".join(run_script("sft.py", "--help").stdout.replace("│", " ").split())  # unwrap tyro's box
     for flag in (
@@ -157,7 +168,7 @@ def test_plain_text_records_train(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_raises_target_accuracy_by_30_points(tmp_path):
-    """The README's claim: `python sft.py` with no flags, +30 points held-out target accuracy."""
+    """docs/sft.md's claim: `python sft.py` with no flags, +30 points held-out target accuracy."""
     run_script("sft.py", "--output-dir", tmp_path, "--run-name", "default")
     rows = read_metrics(tmp_path / "default")
     before, after = rows[0], rows[-1]

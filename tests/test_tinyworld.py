@@ -6,7 +6,8 @@ import pytest
 
 import common.generation
 from common import tinyworld
-from common.tinyworld import SKILLS, evaluate, is_correct, make_task, make_tasks, needs_carry
+from common.rewards import evaluate, is_correct
+from common.tinyworld import SKILLS, make_task, make_tasks, needs_carry
 
 
 def test_generators_are_deterministic_and_answers_are_right():
@@ -69,7 +70,7 @@ def test_evaluate_aggregates_by_skill(monkeypatch):
         def train(self, mode=True):
             pass
 
-    m = evaluate(Dummy(), None, records)
+    m = evaluate(Dummy(), None, records, target_skill="arithmetic")
     assert m["eval/accuracy"] == 0.5  # 1 of 2 arithmetic
     assert m["eval/accuracy/reverse"] == 1.0 and m["eval/accuracy/larger"] == pytest.approx(1 / 3)
     assert m["eval/general_accuracy"] == pytest.approx(2 / 4)  # mean over the 4 general records
@@ -85,6 +86,7 @@ def test_evaluate_aggregates_by_skill(monkeypatch):
         Dummy(),
         None,
         records,
+        target_skill="arithmetic",
         reward_fn=lambda prompts, completions, golds: [0.25 * len(c) + (c == g) for c, g in zip(completions, golds)],
         batch_size=3,
         max_new_tokens=5,
