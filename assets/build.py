@@ -254,9 +254,14 @@ def run_sft(work: Path, name: str, model: Path, dataset: Path, data: Path, args:
 
 
 def install(run: Path, target: Path) -> None:
-    """Copy an sft.py run's final checkpoint to `target`, with its last evaluation as build_eval.json."""
+    """Copy a run's final checkpoint to `target`, with its last evaluation as build_eval.json."""
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(run / "final", target)
+    write_build_eval(run, target)
+
+
+def write_build_eval(run: Path, target: Path) -> None:
+    """`target`/build_eval.json: the run's last logged evaluation, rounded to 4 digits."""
     last = [json.loads(line) for line in (run / "metrics.jsonl").open()][-1]
     summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
     (target / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -446,12 +451,7 @@ def build_reward_model(args: Args) -> None:
         ]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT)
-        shutil.rmtree(out / "tiny-rm", ignore_errors=True)
-        shutil.copytree(Path(tmp) / "rm" / "final", out / "tiny-rm")
-        last = [json.loads(line) for line in (Path(tmp) / "rm" / "metrics.jsonl").open()][-1]
-    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
-    (out / "tiny-rm" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("tiny-rm:", json.dumps(summary))
+        install(Path(tmp) / "rm", out / "tiny-rm")
 
 
 def build_teacher(args: Args) -> None:
@@ -479,10 +479,7 @@ def build_teacher(args: Args) -> None:
         shutil.rmtree(out / "tiny-teacher", ignore_errors=True)
         model.save_pretrained(out / "tiny-teacher")
         AutoTokenizer.from_pretrained(Path(tmp) / "teacher" / "final").save_pretrained(out / "tiny-teacher")
-        last = [json.loads(line) for line in (Path(tmp) / "teacher" / "metrics.jsonl").open()][-1]
-    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("eval/")}
-    (out / "tiny-teacher" / "build_eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print("tiny-teacher:", json.dumps(summary))
+        write_build_eval(Path(tmp) / "teacher", out / "tiny-teacher")
 
 
 if __name__ == "__main__":

@@ -181,7 +181,8 @@ def test_default_run_raises_target_accuracy_by_30_points(tmp_path):
 
 def test_build_pipeline_runs_on_a_small_budget(tmp_path):
     """assets/build.py end to end (tokenizer, data, init model, both pretraining stages through sft.py, on-policy
-    preference pairs, the reward model through reward_model.py) on a tiny budget."""
+    preference pairs, the reward model through reward_model.py, the teacher through grpo.py, tiny-tool) on a tiny
+    budget."""
     run_script(
         ROOT / "assets" / "build.py",
         "--out",
@@ -216,8 +217,20 @@ def test_build_pipeline_runs_on_a_small_budget(tmp_path):
         "2",
         "--teacher-steps",
         "2",
+        "--tool-steps",
+        "2",
+        "--tool-examples",
+        "40",
+        "--tool-per-skill",
+        "10",
+        "--tool-eval",
+        "5",
+        "--tool-prompts",
+        "20",
     )
     assert (tmp_path / "tiny-base" / "model.safetensors").is_file()
+    for model in ("tiny-base", "tiny-rm", "tiny-teacher", "tiny-tool"):  # each with its last evaluation
+        assert "eval/accuracy" in json.loads((tmp_path / model / "build_eval.json").read_text())
     pairs = [json.loads(line) for line in (tmp_path / "data" / "prefs.jsonl").open()]
     assert pairs and all(
         str(int(p["prompt"][8:-1].split("+")[0]) + int(p["prompt"][8:-1].split("+")[1])) == p["chosen"]
