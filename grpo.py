@@ -609,23 +609,19 @@ def main(args: Args) -> None:
 
     def play(records: list[dict], max_new_tokens: int = args.max_new_tokens, **sampling) -> dict:
         # --env: one episode per record; every live episode's next turn in one batched generation
-        try:
-            return run_episodes(
-                sample,
-                tokenizer,
-                args.env,
-                make_envs(args.env, env_factory, records, args.env_timeout),
-                records,
-                max_turns=args.max_turns,
-                max_new_tokens=max_new_tokens,
-                max_episode_tokens=args.max_episode_tokens,
-                timeout=args.env_timeout,
-                max_tokens=args.generation_max_tokens,
-                **sampling,
-            )
-        except SystemExit:  # an environment failed mid-run: its one-line error is the last line, after the bar
-            tracker.close()
-            raise
+        return run_episodes(
+            sample,
+            tokenizer,
+            args.env,
+            make_envs(args.env, env_factory, records, args.env_timeout),
+            records,
+            max_turns=args.max_turns,
+            max_new_tokens=max_new_tokens,
+            max_episode_tokens=args.max_episode_tokens,
+            timeout=args.env_timeout,
+            max_tokens=args.generation_max_tokens,
+            **sampling,
+        )
 
     def evaluation() -> dict:
         if not eval_records:

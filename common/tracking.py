@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from common import die, dist
+from common import BEFORE_DIE, die, dist
 
 # Flags a resumed run may change: when and how it evaluates, saves and logs, and how far it goes. Every other flag
 # defines the run (its data, model, optimization, sampling, evaluation content) and keeps its saved value.
@@ -223,6 +223,7 @@ class Tracker:
         self.main = dist.is_main()
         self.metrics_file, self.wandb = None, None
         self.bar = tqdm(total=total_steps, initial=start_step, desc=script, dynamic_ncols=True, disable=not self.main)
+        BEFORE_DIE.append(self.close)  # a `die` mid-run closes the bar first
         if not self.main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -288,16 +289,17 @@ class Tracker:
             self.bar.write(message)
 
     def check_finite(self, loss: float, grad_norm: float, step: int) -> None:
-        """Stop the run before the optimizer step of `step` when its loss or gradient norm is NaN or inf: the bar is
-        closed first so that the one-line error is the last line; no update is applied and no checkpoint written."""
+        """Stop the run before the optimizer step of `step` when its loss or gradient norm is NaN or inf (one line,
+        the last of the output: `die` closes this tracker first); no update is applied and no checkpoint written."""
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            self.close()
             die(
                 f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; no update applied, no "
                 "checkpoint written (try a lower --learning-rate)"
             )
 
     def close(self) -> None:
+        if self.close in BEFORE_DIE:
+            BEFORE_DIE.remove(self.close)
         if self.metrics_file is None or self.metrics_file.closed:
             self.bar.close()
             return

@@ -9,3 +9,14 @@ def length(prompts, completions, answers):
 def alternating(prompts, completions, answers):
     """1, 0, 1, 0, ...: every group of an even size has reward spread, whatever was sampled."""
     return [float(i % 2 == 0) for i in range(len(completions))]
+
+
+CALLS = [0]
+
+
+def fails_later(prompts, completions, answers):
+    """Fine for the start-up check (the first call), then raises: a reward function failing mid-run."""
+    CALLS[0] += 1
+    if CALLS[0] > 1:
+        raise KeyError("grader offline")
+    return [0.0] * len(completions)

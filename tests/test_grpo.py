@@ -467,3 +467,13 @@ def test_mask_truncated_drops_truncated_completions_from_the_loss(tmp_path):
     before = AutoModelForCausalLM.from_pretrained(TINY_BASE).state_dict()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "masked" / "final").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_reward_function_failing_mid_run_is_the_last_line(tmp_path):
+    """The error comes after the progress bar (die closes the run's tracker first), and no checkpoint is written."""
+    proc = run_script("grpo.py", "--reward-fn", "tests.cli_rewards:fails_later", "--max-steps", "2", "--eval-prompts",
+                      "", "--kl-every", "0", "--output-dir", tmp_path, "--run-name", "r", check=False)  # fmt: skip
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: reward function 'tests.cli_rewards:fails_later' raised KeyError: 'grader offline'", last
+    assert not (tmp_path / "r" / "final").exists()
